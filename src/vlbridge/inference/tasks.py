@@ -1,0 +1,348 @@
+"""What users do with a BLIP-2 model: caption, answer, chat, score, match (ITM) and compare (ITC).
+
+Each function batches internally, takes images as paths / PIL images / pixel tensors, and checks its
+arguments before any model work. The LLM sees a left-padded prefix `[pad..., soft prompt (Q), prompt
+tokens]`; for InstructBLIP the prompt also goes into the Q-Former next to the queries.
+
+Shapes: B batch, Q queries, D LLM width, P prefix length, T text length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlbridge.errors import InputError
+from vlbridge.inference.generation import GenerationSettings, generate
+
+if TYPE_CHECKING:
+    from vlbridge.models.blip2 import Blip2
+
+DEFAULT_BATCH_SIZE = 8
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def _as_list(items, name: str) -> list:
+    if isinstance(items, Tensor):
+        if items.dim() == 3:
+            return [items]
+        return list(items)
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        return [items]
+    items = list(items)
+    if not items:
+        raise InputError(f"no {name} given")
+    return items
+
+
+def _texts(texts, name: str, n: int | None = None) -> list[str]:
+    texts = [texts] * (n or 1) if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise InputError(f"no {name} given")
+    for t in texts:
+        if not isinstance(t, str):
+            raise InputError(f"each {name[:-1] if name.endswith('s') else name} must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise InputError(f"empty {name[:-1] if name.endswith('s') else name}")
+    if n is not None and len(texts) != n:
+        raise InputError(f"{n} images but {len(texts)} {name}: give one per image (or a single one for all)")
+    return texts
+
+
+def pixel_values(model: Blip2, images) -> Tensor:
+    """Preprocess images with the checkpoint's processor settings -> [B, 3, H, W]."""
+    if isinstance(images, Tensor) and images.dim() == 4:
+        return images
+    if model.image_processor is None:
+        raise InputError("this model has no image processor settings: pass preprocessed pixel_values tensors")
+    return model.image_processor(images)
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))
+
+
+# --------------------------------------------------------------------------------------------- prefix
+def _qformer_tokens(model: Blip2, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+    if model.qformer_tokenizer is None:
+        raise InputError("this model has no Q-Former tokenizer")
+    enc = model.qformer_tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return enc.input_ids.to(model.device), enc.attention_mask.to(model.device)
+
+
+def _soft_prompts(model: Blip2, pixels: Tensor, prompts: list[str] | None) -> Tensor:
+    """Images (+ instructions for InstructBLIP) -> soft prompts [B, Q, D]."""
+    image_embeds = model.image_embeds(pixels)
+    ids = mask = None
+    if model.config.prompts.instruct:
+        ids, mask = _qformer_tokens(model, prompts or [""] * len(pixels), model.config.prompts.qformer_max_length)
+    return model.soft_prompt(model.query_output(image_embeds, ids, mask))
+
+
+def assemble_prefix(model: Blip2, soft: Tensor, token_lists: list[list[int]], *, left: bool = True):
+    """Place each row's soft prompt and tokens into one padded sequence.
+
+    Row i becomes `[pad..., soft_i, tokens_i]` (left padding, for generation) or `[soft_i, tokens_i, pad...]`.
+    Returns (embeds [B, P, D], mask [B, P], soft_slots [B, P] bool, ids [B, P] with pad in soft slots).
+    """
+    B, Q, D = soft.shape
+    lm = model.language_model
+    pad = _pad_id(model)
+    width = max(len(t) for t in token_lists)
+    P = Q + width
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    slots = torch.zeros(B, P, dtype=torch.bool)
+    mask = torch.zeros(B, P, dtype=torch.long)
+    for i, toks in enumerate(token_lists):
+        start = width - len(toks) if left else 0
+        slots[i, start : start + Q] = True
+        ids[i, start + Q : start + Q + len(toks)] = torch.tensor(toks, dtype=torch.long)
+        mask[i, start : start + Q + len(toks)] = 1
+    ids, slots, mask = ids.to(soft.device), slots.to(soft.device), mask.to(soft.device)
+    embeds = lm.get_input_embeddings()(ids)  # [B, P, D]
+    embeds = embeds.masked_scatter(slots[..., None], soft.to(embeds.dtype))  # soft prompt into its slots, row-major
+    return embeds, mask, slots, ids
+
+
+def _pad_id(model: Blip2) -> int:
+    tok, cfg = model.tokenizer, model.language_model.generation_config
+    for candidate in (tok.pad_token_id if tok is not None else None, cfg.pad_token_id, _eos_ids(model)[0]):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _eos_ids(model: Blip2) -> list[int]:
+    eos = model.language_model.generation_config.eos_token_id
+    if eos is None and model.tokenizer is not None:
+        eos = model.tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
+
+
+def _prompt_tokens(model: Blip2, prompt: str) -> list[int]:
+    if model.tokenizer is None:
+        raise InputError("this model has no LLM tokenizer")
+    return model.tokenizer(prompt).input_ids
+
+
+# --------------------------------------------------------------------------------------------- generation
+@torch.inference_mode()
+def generate_text(
+    model: Blip2, images, prompts: list[str], settings: GenerationSettings, *, batch_size: int = DEFAULT_BATCH_SIZE,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Generate one text per (image, prompt) pair."""
+    images = _as_list(images, "images")
+    if len(prompts) != len(images):
+        raise InputError(f"{len(images)} images but {len(prompts)} prompts")
+    lm = model.language_model
+    if lm is None:
+        raise InputError("this model has no language model: it can match and compare (itm/itc) but not generate")
+    out: list[str] = []
+    for sl in _chunks(len(images), batch_size):
+        pixels = pixel_values(model, images[sl])
+        batch_prompts = prompts[sl]
+        soft = _soft_prompts(model, pixels, batch_prompts)
+        embeds, mask, _, _ = assemble_prefix(model, soft, [_prompt_tokens(model, p) for p in batch_prompts])
+        tokens = generate(
+            lm, embeds, mask, settings, eos_token_ids=_eos_ids(model), pad_token_id=_pad_id(model),
+            decoder_start_token_id=_decoder_start(lm), generator=generator,
+        )
+        out.extend(t.strip() for t in model.tokenizer.batch_decode(tokens, skip_special_tokens=True))
+    return out
+
+
+def caption(
+    model: Blip2, images, prompt: str | Sequence[str] | None = None, *, num_beams: int = 1, max_new_tokens: int = 30,
+    do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, batch_size: int = DEFAULT_BATCH_SIZE,
+    **settings,
+) -> list[str]:
+    """Caption images; `prompt` is one string for all images or one per image (None: the checkpoint's default).
+
+    An empty prompt is an error (say None for the default); in a per-image list, None entries take the default.
+    """
+    images = _as_list(images, "images")
+    default = model.config.prompts.caption_prompt
+    if prompt is None:
+        prompts = [default] * len(images)
+    elif isinstance(prompt, str):
+        prompts = _texts(prompt, "prompts", len(images))
+    else:
+        given = list(prompt)
+        filled = _texts([p if p is not None else "x" for p in given], "prompts", len(images))
+        prompts = [default if p is None else f for p, f in zip(given, filled)]
+    s = GenerationSettings(
+        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, top_p=top_p,
+        temperature=temperature, **settings,
+    )
+    return generate_text(model, images, prompts, s, batch_size=batch_size)
+
+
+def answer(
+    model: Blip2, images, questions: str | Sequence[str], *, num_beams: int = 1, max_new_tokens: int = 10,
+    batch_size: int = DEFAULT_BATCH_SIZE, **settings,
+) -> list[str]:
+    """Answer one question per image with the checkpoint's VQA prompt template."""
+    images = _as_list(images, "images")
+    questions = _texts(questions, "questions", len(images))
+    prompts = [model.config.prompts.vqa_template.format(q.strip()) for q in questions]
+    s = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, **settings)
+    return generate_text(model, images, prompts, s, batch_size=batch_size)
+
+
+class Chat:
+    """A multi-turn conversation about one image; the history is kept and replayed in the prompt.
+
+    Example:
+        chat = model.chat("photo.jpg")
+        chat.ask("what is in the picture?")
+        chat.ask("what colour is it?")
+    """
+
+    def __init__(self, model: Blip2, image, *, max_new_tokens: int = 30, num_beams: int = 1) -> None:
+        self.model = model
+        self.pixels = pixel_values(model, [image] if not isinstance(image, Tensor) or image.dim() == 3 else image)
+        if self.pixels.shape[0] != 1:
+            raise InputError("a chat is about exactly one image")
+        self.history: list[tuple[str, str]] = []
+        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+    def prompt(self, message: str) -> str:
+        style = self.model.config.prompts
+        turns = [style.chat_turn.format(q, a) for q, a in self.history]
+        return " ".join([*turns, style.vqa_template.format(message.strip())])
+
+    def ask(self, message: str) -> str:
+        (message,) = _texts(message, "messages", 1)
+        reply = generate_text(self.model, self.pixels, [self.prompt(message)], self.settings)[0]
+        self.history.append((message.strip(), reply))
+        return reply
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
+# --------------------------------------------------------------------------------------------- scoring
+@torch.inference_mode()
+def score(
+    model: Blip2, images, texts: str | Sequence[str], *, prompt: str | Sequence[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[float]:
+    """Log-likelihood of each text given its image (and prompt): sum of log p over the text's tokens + EOS."""
+    images = _as_list(images, "images")
+    texts = _texts(texts, "texts", len(images))
+    prompts = [model.config.prompts.caption_prompt] * len(images) if prompt is None else _texts(
+        prompt, "prompts", len(images)
+    )
+    lm = model.language_model
+    if lm is None:
+        raise InputError("this model has no language model: score needs one")
+    eos = _eos_ids(model)
+    out: list[float] = []
+    for sl in _chunks(len(images), batch_size):
+        pixels = pixel_values(model, images[sl])
+        soft = _soft_prompts(model, pixels, prompts[sl])
+        prompt_tokens = [_prompt_tokens(model, p) for p in prompts[sl]]
+        if lm.config.is_encoder_decoder:
+            targets = [model.tokenizer(t).input_ids for t in texts[sl]]  # T5 appends </s>
+            out.extend(_score_encoder_decoder(model, soft, prompt_tokens, targets))
+        else:
+            targets = [model.tokenizer(" " + t.strip(), add_special_tokens=False).input_ids + eos[:1] for t in texts[sl]]
+            out.extend(_score_decoder(model, soft, prompt_tokens, targets))
+    return out
+
+
+def _score_decoder(model: Blip2, soft: Tensor, prompts: list[list[int]], targets: list[list[int]]) -> list[float]:
+    joined = [p + t for p, t in zip(prompts, targets)]
+    embeds, mask, _, ids = assemble_prefix(model, soft, joined, left=False)  # [soft, prompt, target, pad...]
+    Q = soft.shape[1]
+    logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()  # [B, P, V]
+    logp = F.log_softmax(logits[:, :-1], dim=-1)  # position j predicts token j + 1
+    scores = []
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        first = Q + len(p)  # index of the first target token
+        positions = torch.arange(first - 1, first - 1 + len(t), device=logits.device)
+        scores.append(float(logp[i, positions, ids[i, first : first + len(t)]].sum()))
+    return scores
+
+
+def _score_encoder_decoder(
+    model: Blip2, soft: Tensor, prompts: list[list[int]], targets: list[list[int]]
+) -> list[float]:
+    lm = model.language_model
+    embeds, mask, _, _ = assemble_prefix(model, soft, prompts)
+    width = max(len(t) for t in targets)
+    labels = torch.full((len(targets), width), -100, dtype=torch.long, device=soft.device)
+    for i, t in enumerate(targets):
+        labels[i, : len(t)] = torch.tensor(t)
+    logits = lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits.float()  # [B, T, V]
+    logp = F.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # [B, T]
+    return (picked * (labels != -100)).sum(-1).tolist()
+
+
+def rank_answers(
+    model: Blip2, images, questions: str | Sequence[str], candidates: Sequence[str], *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[str]:
+    """Closed-set VQA: the candidate with the highest log-likelihood for each (image, question)."""
+    images = _as_list(images, "images")
+    questions = _texts(questions, "questions", len(images))
+    candidates = _texts(list(candidates), "candidates")
+    best = []
+    for image, q in zip(images, questions):
+        prompt = model.config.prompts.vqa_template.format(q.strip())
+        n = len(candidates)
+        s = score(model, [image] * n, candidates, prompt=[prompt] * n, batch_size=batch_size)
+        best.append(candidates[max(range(n), key=s.__getitem__)])
+    return best
+
+
+# --------------------------------------------------------------------------------------------- ITM / ITC
+def _require_heads(model: Blip2) -> None:
+    if model.config.embed_dim is None:
+        raise InputError("this model has no ITM/ITC heads (a generation-only checkpoint); use a stage-1 model")
+
+
+@torch.inference_mode()
+def itm(model: Blip2, images, texts: str | Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE) -> list[float]:
+    """Probability that each (image, text) pair matches, from the ITM head."""
+    _require_heads(model)
+    images = _as_list(images, "images")
+    texts = _texts(texts, "texts", len(images))
+    out: list[float] = []
+    for sl in _chunks(len(images), batch_size):
+        embeds = model.image_embeds(pixel_values(model, images[sl]))
+        ids, mask = _qformer_tokens(model, texts[sl], model.config.prompts.text_max_length)
+        out.extend(model.itm_logits(embeds, ids, mask).float().softmax(-1)[:, 1].tolist())
+    return out
+
+
+@torch.inference_mode()
+def itc(model: Blip2, images, texts: str | Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
+    """Cosine similarity [n_images, n_texts]: the best-matching query of each image against each text."""
+    _require_heads(model)
+    images = _as_list(images, "images")
+    texts = _texts(texts, "texts")
+    image_feats = torch.cat([
+        model.itc_image_features(model.image_embeds(pixel_values(model, images[sl])))
+        for sl in _chunks(len(images), batch_size)
+    ])  # [I, Q, E]
+    text_feats = []
+    for sl in _chunks(len(texts), 64):
+        ids, mask = _qformer_tokens(model, texts[sl], model.config.prompts.text_max_length)
+        text_feats.append(model.itc_text_features(ids, mask))
+    text_feats = torch.cat(text_feats)  # [T, E]
+    return torch.einsum("iqe,te->iqt", image_feats, text_feats).amax(dim=1).float().cpu()  # [I, T]
+
+
+def _decoder_start(lm) -> int | None:
+    start = getattr(lm.generation_config, "decoder_start_token_id", None)
+    return start if start is not None else getattr(lm.config, "decoder_start_token_id", None)
