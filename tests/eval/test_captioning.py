@@ -44,7 +44,7 @@ CHEAP = ["BLEU", "ROUGE_L", "CIDEr"]
 
 
 class _SharedMeteor:
-    """Stands in for ``Meteor()`` so both sides of the parity test use one METEOR process (it takes seconds to start)."""
+    """Stands in for ``Meteor()`` so both sides of the parity test share one METEOR process (slow to start)."""
 
     def __init__(self, real):
         self.real = real
@@ -131,7 +131,7 @@ def test_python_tokenizer_agrees_with_java_on_ordinary_captions():
 
 def test_python_tokenizer_examples():
     assert ptb_tokenize("A man (left) can't ride, won't he?") == "a man -lrb- left -rrb- ca n't ride wo n't he"
-    assert ptb_tokenize("The dog's 1,000 \"toys\".") == "the dog 's 1,000 toys"
+    assert ptb_tokenize('The dog\'s 1,000 "toys".') == "the dog 's 1,000 toys"
 
 
 def test_without_java_falls_back_and_skips_meteor(monkeypatch):

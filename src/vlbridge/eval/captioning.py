@@ -108,7 +108,8 @@ def available_metrics() -> tuple[str, ...]:
 
 _BRACKETS = {"(": " -lrb- ", ")": " -rrb- ", "[": " -lsb- ", "]": " -rsb- ", "{": " -lcb- ", "}": " -rcb- "}
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr prof vs etc inc ltd co corp mt ft jan feb mar apr jun jul aug sep sept oct nov dec".split()
+    {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "inc", "ltd", "co", "corp", "mt", "ft"}
+    | {"jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec"}
 )
 # Words the PTB tokenizer splits into two tokens.
 _SPLIT_WORDS = {

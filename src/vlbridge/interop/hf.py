@@ -84,7 +84,7 @@ def ours_to_hf(key: str, architecture: str) -> str | None:
     m = re.match(r"^qformer\.layers\.(\d+)\.(.*)$", key)
     if m:
         index, rest = m.groups()
-        for theirs, ours in _LAYER_NAMES.items():
+        for theirs, ours in sorted(_LAYER_NAMES.items(), key=lambda kv: -len(kv[1])):  # longest prefix first
             if rest.startswith(ours):
                 return f"qformer.encoder.layer.{index}.{theirs}{rest[len(ours):]}"
     retrieval = architecture == "Blip2ForImageTextRetrieval"

@@ -71,11 +71,10 @@ def load_native(path: Path, *, device: str | torch.device = "cpu", dtype: torch.
     if not weights.exists():
         raise CheckpointError(f"{path}: {WEIGHTS_NAME} is missing")
     state = load_file(str(weights))
-    result = model.load_state_dict(state, strict=False)
     if lm is not None:
         lm.tie_weights()
-    tied = {k for k in result.missing_keys if k.startswith("language_model.") and _is_tied(lm, k)}
-    missing = [k for k in result.missing_keys if k not in tied]
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not _alias_loaded(model, k, state)]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{weights}: missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}")
     if (path / "tokenizer").exists():
@@ -91,9 +90,9 @@ def load_native(path: Path, *, device: str | torch.device = "cpu", dtype: torch.
     return model.to(device)
 
 
-def _is_tied(lm, key: str) -> bool:
-    if lm is None:
+def _alias_loaded(model: Blip2, key: str, state: dict) -> bool:
+    """A tied parameter (stored once under another name) counts as loaded if one of its names was."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if key not in params:
         return False
-    out = lm.get_output_embeddings()
-    inp = lm.get_input_embeddings()
-    return out is not None and out.weight is inp.weight and key.endswith(("lm_head.weight", "embed_out.weight"))
+    return any(other in state for other, p in params.items() if p is params[key] and other != key)
