@@ -316,3 +316,54 @@ class QFormer(nn.Module):
         allowed = torch.where(rows < 0, cols < 0, cols <= rows)  # [S, K]
         allowed = allowed[None, None]  # [1, 1, S, K]
         return allowed if key_ok is None else allowed & key_ok
+
+
+# ------------------------------------------------------------------------------------------------ BERT init
+def qformer_from_bert(
+    bert: nn.Module,
+    *,
+    num_query_tokens: int = 32,
+    cross_attention_frequency: int = 2,
+    encoder_hidden_size: int,
+    extra_tokens: int = 1,
+) -> QFormer:
+    """A Q-Former initialised from a transformers `BertModel` (the BLIP-2 recipe).
+
+    Self-attention, the text FFN and the embeddings come from BERT; the query FFN is a copy of BERT's FFN;
+    cross-attention and the queries are random. BERT adds token-type embedding 0 to every token; the
+    Q-Former has no token types, so that vector is folded into the position embeddings (an exact rewrite).
+    `extra_tokens` rows are appended to the vocabulary for `[DEC]`.
+    """
+    c = bert.config
+    config = QFormerConfig(
+        hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size, num_query_tokens=num_query_tokens,
+        cross_attention_frequency=cross_attention_frequency, encoder_hidden_size=encoder_hidden_size,
+        vocab_size=c.vocab_size + extra_tokens, max_position_embeddings=c.max_position_embeddings,
+        layer_norm_eps=c.layer_norm_eps, dropout=c.hidden_dropout_prob, attention_dropout=c.attention_probs_dropout_prob,
+        pad_token_id=c.pad_token_id or 0, hidden_act=c.hidden_act,
+    )
+    qformer = QFormer(config=config)
+    emb = bert.embeddings
+    with torch.no_grad():
+        qformer.embeddings.word_embeddings.weight[: c.vocab_size].copy_(emb.word_embeddings.weight)
+        positions = emb.position_embeddings.weight + emb.token_type_embeddings.weight[0]
+        qformer.embeddings.position_embeddings.weight.copy_(positions)
+        qformer.embeddings.layernorm.load_state_dict(emb.LayerNorm.state_dict())
+        for ours, theirs in zip(qformer.layers, bert.encoder.layer):
+            a = theirs.attention
+            for name in ("query", "key", "value"):
+                getattr(ours.attention, name).load_state_dict(getattr(a.self, name).state_dict())
+            ours.attention.out.load_state_dict(a.output.dense.state_dict())
+            ours.attention.norm.load_state_dict(a.output.LayerNorm.state_dict())
+            for ffn in (ours.text_ffn, ours.query_ffn):
+                ffn.fc1.load_state_dict(theirs.intermediate.dense.state_dict())
+                ffn.fc2.load_state_dict(theirs.output.dense.state_dict())
+                ffn.norm.load_state_dict(theirs.output.LayerNorm.state_dict())
+    return qformer
+
+
+def qformer_tokenizer(bert_tokenizer):
+    """BERT's tokenizer plus the `[DEC]` token that starts ITG (image-grounded generation) sequences."""
+    bert_tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return bert_tokenizer

@@ -1,0 +1,441 @@
+"""The ``vlbridge`` command line: ``caption``, ``ask``, ``match``, ``train``, ``eval``, ``demo`` and ``serve``.
+
+Every command is a thin wrapper over Python functions you can call yourself:
+
+- ``caption`` → :func:`load_model` + ``Blip2.caption``
+- ``ask`` → :func:`load_model` + ``Blip2.answer``
+- ``match`` → :func:`load_model` + :func:`match_grid` (``Blip2.itm`` and ``Blip2.itc``)
+- ``demo`` → :func:`vlbridge.demo.run_demo`
+- ``train`` / ``eval`` → ``vlbridge.training.train_main`` / ``eval_main``; ``serve`` → ``vlbridge.serving.serve_main``
+  (looked up when the command runs, so they are picked up as soon as those modules provide them)
+
+Exit codes: 0 success; 1 a user error (a bad image, checkpoint, config or argument combination; reported as one line
+``vlbridge: error: ...`` on stderr, without a traceback); 2 a command-line usage error, or a command that is not
+implemented yet; 130 interrupted. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from vlbridge.errors import InputError, VlbridgeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlbridge.models.blip2 import Blip2
+
+PROG = "vlbridge"
+DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# Commands whose implementation lives in a module that may not exist yet: command -> (module, function).
+DEFERRED: dict[str, tuple[str, str]] = {
+    "train": ("vlbridge.training", "train_main"),
+    "eval": ("vlbridge.training", "eval_main"),
+    "serve": ("vlbridge.serving", "serve_main"),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------ library
+def resolve_device(device: str | None) -> str:
+    """The device to run on: ``device`` itself, or ``"cuda"`` when a GPU is available and ``"cpu"`` otherwise.
+
+    Args:
+        device: A torch device string, or None / ``"auto"`` to choose.
+
+    Returns:
+        A torch device string.
+    """
+    if device not in (None, "auto"):
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(source: str, *, device: str | None = None, dtype: str | torch.dtype | None = None) -> Blip2:
+    """``vlbridge.load`` with transformers' logging and progress bars turned down to errors only.
+
+    Args:
+        source: A checkpoint folder, hub id or LAVIS ``.pth`` file (see :func:`vlbridge.load`).
+        device: Torch device; None picks CUDA when available, else CPU.
+        dtype: dtype of the frozen parts: a torch dtype, a torch name (``"bfloat16"``) or a short name
+            (``"fp32"``, ``"bf16"``, ``"fp16"``); None keeps float32.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        CheckpointError: The checkpoint is missing or cannot be read.
+    """
+    import transformers
+
+    import vlbridge
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, dtype)
+    return vlbridge.load(source, device=resolve_device(device), dtype=dtype)
+
+
+def check_images(paths: Sequence[str | os.PathLike]) -> None:
+    """Open and decode every image once, so that a typo or a bad file fails before any model work.
+
+    Args:
+        paths: Image files.
+
+    Raises:
+        ImageError: A file is missing or is not a usable image; the message names it.
+    """
+    from vlbridge.data.images import load_image
+
+    for path in paths:
+        load_image(path)
+
+
+def match_grid(model: Blip2, images: Sequence[Any], texts: Sequence[str], *, batch_size: int = 8) -> list[dict]:
+    """Score every (image, text) pair of the full grid with the ITM head and ITC similarity.
+
+    Args:
+        model: A model with stage-1 heads (a retrieval / stage-1 checkpoint).
+        images: Image paths (or PIL images); ``str(image)`` is reported as ``"image"``.
+        texts: Texts to match against every image.
+        batch_size: Images per forward pass.
+
+    Returns:
+        One dict per pair, image-major: ``{"image", "text", "itm": match probability, "itc": cosine similarity}``.
+
+    Raises:
+        InputError: The model has no ITM/ITC heads, or an input list is empty.
+    """
+    images, texts = list(images), list(texts)
+    if not images or not texts:
+        raise InputError("match needs at least one image and one text")
+    sims = model.itc(images, texts, batch_size=batch_size)  # [I, T]
+    pair_images = [image for image in images for _ in texts]
+    pair_texts = [text for _ in images for text in texts]
+    probs = model.itm(pair_images, pair_texts, batch_size=batch_size)
+    return [
+        {"image": str(image), "text": text, "itm": float(p), "itc": float(sims[k // len(texts), k % len(texts)])}
+        for k, (image, text, p) in enumerate(zip(pair_images, pair_texts, probs))
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------------ output
+def _emit(line: str) -> None:
+    """Print one result line to stdout now (so pipes see results as they come), above any progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _batches(items: Sequence[Any], batch_size: int, desc: str) -> Iterator[list[Any]]:
+    """Yield ``items`` in batches, with a progress bar on stderr when it is a terminal and there is more than one."""
+    from tqdm import tqdm
+
+    show = len(items) > batch_size and sys.stderr.isatty()
+    with tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, disable=not show, leave=False) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = list(items[start : start + batch_size])
+            yield batch
+            bar.update(len(batch))
+
+
+def _status(message: str) -> None:
+    """A progress note for people watching a terminal; silent when stderr is redirected."""
+    if sys.stderr.isatty():
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _json(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------------ commands
+def _load(args: argparse.Namespace) -> Blip2:
+    _status(f"loading {args.model}")
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """``vlbridge caption``: one caption per image."""
+    if args.prompt is not None and not args.prompt.strip():
+        raise InputError("empty --prompt: leave it out to use the checkpoint's default prompt")
+    check_images(args.images)
+    model = _load(args)
+    _seed(args.seed)
+    for batch in _batches(args.images, args.batch_size, "captioning"):
+        captions = model.caption(
+            batch, prompt=args.prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, do_sample=args.sample, top_p=args.top_p, temperature=args.temperature,
+        )
+        for image, caption in zip(batch, captions):
+            _emit(_json({"image": image, "caption": caption}) if args.json else f"{image}: {caption}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """``vlbridge ask``: one answer per ``--question`` about one image."""
+    for question in args.question:
+        if not question.strip():
+            raise InputError("empty --question")
+    check_images([args.image])
+    model = _load(args)
+    answers = model.answer(
+        [args.image] * len(args.question), args.question, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    )
+    for question, answer in zip(args.question, answers):
+        if args.json:
+            _emit(_json({"image": args.image, "question": question, "answer": answer}))
+        else:
+            _emit(f"{args.image}: Q: {question}  A: {answer}")
+    return 0
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    """``vlbridge match``: ITM probability and ITC similarity of every (image, text) pair."""
+    for text in args.text:
+        if not text.strip():
+            raise InputError("empty --text")
+    check_images(args.image)
+    model = _load(args)
+    if model.config.embed_dim is None:
+        raise InputError(
+            f"{args.model} has no ITM/ITC heads (a generation-only checkpoint): match needs a stage-1 / retrieval "
+            "model such as a Blip2ForImageTextRetrieval checkpoint"
+        )
+    results = match_grid(model, args.image, args.text, batch_size=args.batch_size)
+    if args.json:
+        for row in results:
+            _emit(_json(row))
+        return 0
+    rows = [["image", "text", "itm", "itc"]]
+    rows += [[r["image"], r["text"], f"{r['itm']:.3f}", f"{r['itc']:.3f}"] for r in results]
+    for line in _table(rows, right={2, 3}):
+        _emit(line)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``vlbridge demo``: see :func:`vlbridge.demo.run_demo`."""
+    from vlbridge.demo import run_demo
+
+    run_demo(args.out_dir)
+    return 0
+
+
+def deferred_command(command: str) -> Callable[[argparse.Namespace], int | None] | None:
+    """The function that implements ``command`` (train, eval, serve), or None while its module lacks it.
+
+    Args:
+        command: A key of :data:`DEFERRED`.
+
+    Returns:
+        ``module.function`` taking the parsed arguments, or None.
+    """
+    module_name, function = DEFERRED[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:  # the module exists but one of its own imports is missing: a real problem
+            raise
+        return None
+    return getattr(module, function, None)
+
+
+def cmd_deferred(args: argparse.Namespace) -> int:
+    """``vlbridge train | eval | serve``: hand over to the implementing module, if there is one yet."""
+    run = deferred_command(args.command)
+    if run is None:
+        print(f"{PROG} {args.command}: not implemented yet in this version", file=sys.stderr)
+        return 2
+    code = run(args)
+    return int(code or 0)
+
+
+# ------------------------------------------------------------------------------------------------------------ parser
+class UsageError(Exception):
+    """A command-line usage error (bad or missing argument): exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _model_options(p: argparse.ArgumentParser, *, batch_size: int = 8) -> None:
+    p.add_argument("--model", "-m", required=True, metavar="M", help="checkpoint folder, hub id or LAVIS .pth file")
+    p.add_argument("--device", default=None, metavar="D", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the frozen parts (default: fp32)")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size, metavar="N", help="images per batch")
+    p.add_argument("--json", action="store_true", help="print one JSON object per line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vlbridge`` argument parser.
+
+    Returns:
+        The parser; each sub-command sets ``func``, the function that runs it.
+    """
+    from vlbridge import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description="BLIP-2: caption images, answer questions and match images with texts.",
+        epilog=f"Run '{PROG} COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("caption", help="caption images", description="Write one caption per image.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    _model_options(p)
+    p.add_argument("--prompt", default=None, metavar="P", help="text the caption continues (default: the model's)")
+    p.add_argument("--num-beams", type=_positive_int, default=1, metavar="N", help="beam search width (default: 1)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=30, metavar="N", help="caption length limit")
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy / beam search")
+    p.add_argument("--top-p", type=_probability, default=1.0, metavar="P", help="nucleus mass with --sample")
+    p.add_argument("--temperature", type=_positive_float, default=1.0, metavar="T", help="temperature with --sample")
+    p.add_argument("--seed", type=int, default=None, help="random seed (makes --sample repeatable)")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("ask", help="answer questions about an image", description="Answer questions about one image.")
+    p.add_argument("image", metavar="IMAGE", help="image file")
+    p.add_argument("--question", "-q", action="append", required=True, metavar="Q", help="a question (repeatable)")
+    _model_options(p)
+    p.add_argument("--num-beams", type=_positive_int, default=1, metavar="N", help="beam search width (default: 1)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=10, metavar="N", help="answer length limit")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser(
+        "match", help="score image-text pairs (ITM + ITC)",
+        description="ITM match probability and ITC similarity of every (image, text) pair; needs a stage-1 model.",
+    )
+    p.add_argument("--image", "-i", nargs="+", action="extend", required=True, metavar="I", help="image files")
+    p.add_argument("--text", "-t", nargs="+", action="extend", required=True, metavar="T", help="texts")
+    _model_options(p)
+    p.set_defaults(func=cmd_match)
+
+    p = sub.add_parser("train", help="train from a config", description="Train a model from a YAML config.")
+    p.add_argument("config", metavar="CONFIG.yaml", help="training config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the run")
+    p.set_defaults(func=cmd_deferred)
+
+    p = sub.add_parser("eval", help="evaluate from a config", description="Evaluate a model from a YAML config.")
+    p.add_argument("config", metavar="CONFIG.yaml", help="evaluation config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_deferred)
+
+    p = sub.add_parser("demo", help="run the demo", description="Run the end-to-end demo and print a summary.")
+    p.add_argument("--out-dir", default="runs/demo", metavar="DIR", help="where to write (default: runs/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
+    p.add_argument("--model", "-m", required=True, metavar="M", help="checkpoint folder, hub id or LAVIS .pth file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.set_defaults(func=cmd_deferred)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _describe(exc: OSError) -> str:
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``vlbridge`` command line.
+
+    Args:
+        argv: Arguments without the program name; None reads ``sys.argv``.
+
+    Returns:
+        The exit code (see the module docstring).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        _error(str(exc))
+        return 2
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    try:
+        return int(args.func(args) or 0)
+    except VlbridgeError as exc:
+        _error(str(exc))
+        return 1
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        _error(_describe(exc))
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:  # `vlbridge caption ... | head`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
