@@ -14,12 +14,74 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-WORDS = (
-    "a an the of on in at to is are there what how many which colour color shape size photo picture image "
-    "question answer short answer: question: red green blue yellow purple orange white pink circle square "
-    "triangle star cross diamond small medium large left right top bottom middle one two three yes no "
-    "and with object objects next it this that describe caption ? :"
-).split()
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "at",
+    "to",
+    "is",
+    "are",
+    "there",
+    "what",
+    "how",
+    "many",
+    "which",
+    "colour",
+    "color",
+    "shape",
+    "size",
+    "photo",
+    "picture",
+    "image",
+    "question",
+    "answer",
+    "short",
+    "answer:",
+    "question:",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "pink",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "diamond",
+    "small",
+    "medium",
+    "large",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "middle",
+    "one",
+    "two",
+    "three",
+    "yes",
+    "no",
+    "and",
+    "with",
+    "object",
+    "objects",
+    "next",
+    "it",
+    "this",
+    "that",
+    "describe",
+    "caption",
+    "?",
+    ":",
+]
 
 
 def llm_tokenizer(*, kind: str = "opt") -> PreTrainedTokenizerFast:
@@ -72,36 +134,71 @@ class Sizes:
 
 def _vision(s: Sizes) -> dict:
     return dict(
-        hidden_size=s.vision_width, intermediate_size=2 * s.vision_width, num_hidden_layers=s.vision_layers,
-        num_attention_heads=s.vision_heads, image_size=s.image_size, patch_size=s.patch,
+        hidden_size=s.vision_width,
+        intermediate_size=2 * s.vision_width,
+        num_hidden_layers=s.vision_layers,
+        num_attention_heads=s.vision_heads,
+        image_size=s.image_size,
+        patch_size=s.patch,
     )
 
 
 def _qformer(s: Sizes, **kw) -> dict:
     return dict(
-        hidden_size=s.q_width, num_hidden_layers=s.q_layers, num_attention_heads=s.q_heads,
-        intermediate_size=s.q_ffn, cross_attention_frequency=s.cross_freq, vocab_size=30522, **kw,
+        hidden_size=s.q_width,
+        num_hidden_layers=s.q_layers,
+        num_attention_heads=s.q_heads,
+        intermediate_size=s.q_ffn,
+        cross_attention_frequency=s.cross_freq,
+        vocab_size=30522,
+        **kw,
     )
 
 
 def _llm(kind: str, s: Sizes, vocab: int) -> dict:
     if kind == "opt":
         return dict(
-            model_type="opt", vocab_size=vocab, hidden_size=s.llm_width, ffn_dim=2 * s.llm_width,
-            num_hidden_layers=s.llm_layers, num_attention_heads=s.llm_heads, word_embed_proj_dim=s.llm_width,
-            max_position_embeddings=128, bos_token_id=1, pad_token_id=1, eos_token_id=2,
+            model_type="opt",
+            vocab_size=vocab,
+            hidden_size=s.llm_width,
+            ffn_dim=2 * s.llm_width,
+            num_hidden_layers=s.llm_layers,
+            num_attention_heads=s.llm_heads,
+            word_embed_proj_dim=s.llm_width,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            pad_token_id=1,
+            eos_token_id=2,
         )
     if kind == "t5":
         return dict(
-            model_type="t5", vocab_size=vocab, d_model=s.llm_width, d_kv=s.llm_width // s.llm_heads,
-            d_ff=2 * s.llm_width, num_layers=s.llm_layers, num_heads=s.llm_heads, decoder_start_token_id=0,
-            pad_token_id=0, eos_token_id=1, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+            model_type="t5",
+            vocab_size=vocab,
+            d_model=s.llm_width,
+            d_kv=s.llm_width // s.llm_heads,
+            d_ff=2 * s.llm_width,
+            num_layers=s.llm_layers,
+            num_heads=s.llm_heads,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
         )
     if kind == "llama":
         return dict(
-            model_type="llama", vocab_size=vocab, hidden_size=s.llm_width, intermediate_size=2 * s.llm_width,
-            num_hidden_layers=s.llm_layers, num_attention_heads=s.llm_heads, num_key_value_heads=2,
-            max_position_embeddings=128, bos_token_id=1, pad_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+            model_type="llama",
+            vocab_size=vocab,
+            hidden_size=s.llm_width,
+            intermediate_size=2 * s.llm_width,
+            num_hidden_layers=s.llm_layers,
+            num_attention_heads=s.llm_heads,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            pad_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
         )
     raise ValueError(kind)
 
@@ -116,9 +213,7 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> None:
                 p.copy_(std * torch.randn(p.shape, generator=g))
 
 
-def build_checkpoint(
-    directory: Path, *, family: str = "opt", sizes: Sizes | None = None, seed: int = 0
-) -> Path:
+def build_checkpoint(directory: Path, *, family: str = "opt", sizes: Sizes | None = None, seed: int = 0) -> Path:
     """Write a random transformers checkpoint: family in opt | llama | t5 | instruct-opt | instruct-t5 | retrieval."""
     s = sizes or Sizes()
     instruct = family.startswith("instruct")
@@ -129,8 +224,10 @@ def build_checkpoint(
     torch.manual_seed(seed)
     if family == "retrieval":
         cfg = transformers.Blip2Config(
-            vision_config=_vision(s), qformer_config=_qformer(s, use_qformer_text_input=True),
-            num_query_tokens=s.queries, image_text_hidden_size=24,
+            vision_config=_vision(s),
+            qformer_config=_qformer(s, use_qformer_text_input=True),
+            num_query_tokens=s.queries,
+            image_text_hidden_size=24,
         )
         model = transformers.Blip2ForImageTextRetrieval(cfg)
         tokenizer = bert_tokenizer()
@@ -141,7 +238,9 @@ def build_checkpoint(
         vocab = len(tokenizer) + 3  # spare rows, as real checkpoints have
         text_config = _llm(llm_kind, s, vocab)
         common = dict(
-            vision_config=_vision(s), text_config=text_config, num_query_tokens=s.queries,
+            vision_config=_vision(s),
+            text_config=text_config,
+            num_query_tokens=s.queries,
             image_token_index=image_token,
         )
         if instruct:

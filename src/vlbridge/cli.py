@@ -160,11 +160,14 @@ def _json(obj: dict) -> str:
 
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    """Rows of cells as aligned text lines; columns in ``right`` are right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
-        for row in rows
-    ]
+
+    def line(row: list[str]) -> str:
+        cells = (cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        return "  ".join(cells).rstrip()
+
+    return [line(row) for row in rows]
 
 
 # ------------------------------------------------------------------------------------------------------------ commands
@@ -184,6 +187,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     """``vlbridge caption``: one caption per image."""
     if args.prompt is not None and not args.prompt.strip():
         raise InputError("empty --prompt: leave it out to use the checkpoint's default prompt")
+    if args.sample and args.num_beams > 1:
+        raise InputError("--sample cannot be combined with --num-beams > 1")
     check_images(args.images)
     model = _load(args)
     _seed(args.seed)
@@ -282,7 +287,21 @@ class UsageError(Exception):
     """A command-line usage error (bad or missing argument): exit code 2."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help when it has a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
@@ -345,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _model_options(p)
     p.add_argument("--prompt", default=None, metavar="P", help="text the caption continues (default: the model's)")
-    p.add_argument("--num-beams", type=_positive_int, default=1, metavar="N", help="beam search width (default: 1)")
+    p.add_argument("--num-beams", type=_positive_int, default=1, metavar="N", help="beam search width")
     p.add_argument("--max-new-tokens", type=_positive_int, default=30, metavar="N", help="caption length limit")
     p.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy / beam search")
     p.add_argument("--top-p", type=_probability, default=1.0, metavar="P", help="nucleus mass with --sample")
@@ -357,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE", help="image file")
     p.add_argument("--question", "-q", action="append", required=True, metavar="Q", help="a question (repeatable)")
     _model_options(p)
-    p.add_argument("--num-beams", type=_positive_int, default=1, metavar="N", help="beam search width (default: 1)")
+    p.add_argument("--num-beams", type=_positive_int, default=1, metavar="N", help="beam search width")
     p.add_argument("--max-new-tokens", type=_positive_int, default=10, metavar="N", help="answer length limit")
     p.set_defaults(func=cmd_ask)
 
@@ -382,13 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deferred)
 
     p = sub.add_parser("demo", help="run the demo", description="Run the end-to-end demo and print a summary.")
-    p.add_argument("--out-dir", default="runs/demo", metavar="DIR", help="where to write (default: runs/demo)")
+    p.add_argument("--out-dir", default="runs/demo", metavar="DIR", help="where to write")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
     p.add_argument("--model", "-m", required=True, metavar="M", help="checkpoint folder, hub id or LAVIS .pth file")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.set_defaults(func=cmd_deferred)
     return parser
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factory import Sizes, build_checkpoint, hf_model
 
 import vlbridge
 from vlbridge.inference.tasks import assemble_prefix
+
+from factory import Sizes, build_checkpoint, hf_model
 
 FAMILIES = ["opt", "llama", "t5", "instruct-opt", "instruct-t5"]
 SIZES = {
@@ -186,8 +187,12 @@ def test_itm_matches(retrieval):
     got = ours.itm(pixels, texts)
     enc = ours.qformer_tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        ref = theirs(pixel_values=pixels, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                     use_image_text_matching_head=True).logits_per_image.softmax(-1)[:, 1]
+        ref = theirs(
+            pixel_values=pixels,
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            use_image_text_matching_head=True,
+        ).logits_per_image.softmax(-1)[:, 1]
     assert got == pytest.approx(ref.tolist(), abs=1e-5)
 
 
@@ -198,8 +203,12 @@ def test_itc_matches(retrieval):
     assert got.shape == (3, 4)
     enc = ours.qformer_tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        ref = theirs(pixel_values=pixels, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                     use_image_text_matching_head=False).logits_per_image
+        ref = theirs(
+            pixel_values=pixels,
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            use_image_text_matching_head=False,
+        ).logits_per_image
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 

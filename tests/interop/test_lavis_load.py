@@ -6,10 +6,11 @@ import re
 
 import pytest
 import torch
-from factory import Sizes, build_checkpoint, hf_model
 
 import vlbridge
 from vlbridge.errors import CheckpointError
+
+from factory import Sizes, build_checkpoint, hf_model
 
 # transformers -> LAVIS, the other direction of the converter, written independently as regex rewrites.
 TO_LAVIS = [
@@ -22,7 +23,10 @@ TO_LAVIS = [
     (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight", r"visual_encoder.blocks.\1.attn.qkv.weight"),
     (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
     (r"^qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.", r"Qformer.bert.encoder.layer.\1.\2.self."),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
+        r"Qformer.bert.encoder.layer.\1.\2.self.",
+    ),
     (r"^qformer\.encoder\.", "Qformer.bert.encoder."),
     (r"^language_projection\.", "opt_proj."),
 ]
@@ -71,7 +75,9 @@ def test_lavis_checkpoint_generates_like_the_transformers_one(lavis_files):
     assert ours.config.qformer.cross_attention_frequency == 2
     with torch.no_grad():
         torch.testing.assert_close(ours.image_embeds(pixels), reference.image_embeds(pixels))
-    assert ours.caption(pixels, num_beams=3, max_new_tokens=6) == reference.caption(pixels, num_beams=3, max_new_tokens=6)
+    assert ours.caption(pixels, num_beams=3, max_new_tokens=6) == reference.caption(
+        pixels, num_beams=3, max_new_tokens=6
+    )
 
 
 def test_lavis_generation_checkpoint_needs_its_llm(lavis_files):

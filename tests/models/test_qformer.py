@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from factory import minilm_path
 
 from vlbridge.bridges.qformer import QFormer, QFormerConfig, qformer_from_bert, qformer_tokenizer
+
+from factory import minilm_path
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,18 @@ def test_dec_token_is_added():
 
 
 def small(**kw) -> QFormer:
-    cfg = dict(hidden_size=24, num_layers=3, num_heads=3, intermediate_size=40, num_query_tokens=4,
-               cross_attention_frequency=2, encoder_hidden_size=20, vocab_size=50, dropout=0.0, attention_dropout=0.0)
+    cfg = dict(
+        hidden_size=24,
+        num_layers=3,
+        num_heads=3,
+        intermediate_size=40,
+        num_query_tokens=4,
+        cross_attention_frequency=2,
+        encoder_hidden_size=20,
+        vocab_size=50,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     cfg.update(kw)
     torch.manual_seed(0)
     return QFormer(config=QFormerConfig(**cfg)).eval()

@@ -230,7 +230,9 @@ class QFormer(nn.Module):
         positives and negatives, generation): index the batch dimension to reuse them.
         """
         image_embeds = image_embeds.to(self.query_tokens.dtype)
-        return [layer.crossattention.project_kv(image_embeds) if layer.crossattention else None for layer in self.layers]
+        return [
+            layer.crossattention.project_kv(image_embeds) if layer.crossattention else None for layer in self.layers
+        ]
 
     def forward(
         self,
@@ -285,8 +287,14 @@ class QFormer(nn.Module):
             cached_i = query_kv[i] if query_kv is not None else None
             if self.gradient_checkpointing and self.training:
                 x, own = torch.utils.checkpoint.checkpoint(
-                    layer, x, num_queries=num_queries, mask=mask, image_kv=kv_i, image_mask=cross_mask,
-                    query_kv=cached_i, use_reentrant=False,
+                    layer,
+                    x,
+                    num_queries=num_queries,
+                    mask=mask,
+                    image_kv=kv_i,
+                    image_mask=cross_mask,
+                    query_kv=cached_i,
+                    use_reentrant=False,
                 )
             else:
                 x, own = layer(
@@ -336,12 +344,20 @@ def qformer_from_bert(
     """
     c = bert.config
     config = QFormerConfig(
-        hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
-        intermediate_size=c.intermediate_size, num_query_tokens=num_query_tokens,
-        cross_attention_frequency=cross_attention_frequency, encoder_hidden_size=encoder_hidden_size,
-        vocab_size=c.vocab_size + extra_tokens, max_position_embeddings=c.max_position_embeddings,
-        layer_norm_eps=c.layer_norm_eps, dropout=c.hidden_dropout_prob, attention_dropout=c.attention_probs_dropout_prob,
-        pad_token_id=c.pad_token_id or 0, hidden_act=c.hidden_act,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        num_query_tokens=num_query_tokens,
+        cross_attention_frequency=cross_attention_frequency,
+        encoder_hidden_size=encoder_hidden_size,
+        vocab_size=c.vocab_size + extra_tokens,
+        max_position_embeddings=c.max_position_embeddings,
+        layer_norm_eps=c.layer_norm_eps,
+        dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob,
+        pad_token_id=c.pad_token_id or 0,
+        hidden_act=c.hidden_act,
     )
     qformer = QFormer(config=config)
     emb = bert.embeddings

@@ -68,8 +68,12 @@ class _Stepper:
         if self.encoder_decoder:
             return self.step(first_tokens)
         out = self.lm(
-            inputs_embeds=self.prefix_embeds, attention_mask=self.mask, past_key_values=self.cache,
-            use_cache=True, logits_to_keep=1, **self._positions(self.mask.shape[1]),
+            inputs_embeds=self.prefix_embeds,
+            attention_mask=self.mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._positions(self.mask.shape[1]),
         )
         del self.prefix_embeds
         return out.logits[:, -1].float()
@@ -78,13 +82,19 @@ class _Stepper:
         """Feed one token per row [B*]; logits of the next token [B*, V]."""
         if self.encoder_decoder:
             out = self.lm(
-                encoder_outputs=self.encoder_out, attention_mask=self.mask, decoder_input_ids=tokens[:, None],
-                past_key_values=self.cache, use_cache=True,
+                encoder_outputs=self.encoder_out,
+                attention_mask=self.mask,
+                decoder_input_ids=tokens[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
             )
         else:
             self.mask = F.pad(self.mask, (0, 1), value=1)
             out = self.lm(
-                input_ids=tokens[:, None], attention_mask=self.mask, past_key_values=self.cache, use_cache=True,
+                input_ids=tokens[:, None],
+                attention_mask=self.mask,
+                past_key_values=self.cache,
+                use_cache=True,
                 **self._positions(1),
             )
         return out.logits[:, -1].float()

@@ -45,7 +45,9 @@ def _texts(texts, name: str, n: int | None = None) -> list[str]:
         raise InputError(f"no {name} given")
     for t in texts:
         if not isinstance(t, str):
-            raise InputError(f"each {name[:-1] if name.endswith('s') else name} must be a string, got {type(t).__name__}")
+            raise InputError(
+                f"each {name[:-1] if name.endswith('s') else name} must be a string, got {type(t).__name__}"
+            )
         if not t.strip():
             raise InputError(f"empty {name[:-1] if name.endswith('s') else name}")
     if n is not None and len(texts) != n:
@@ -135,7 +137,12 @@ def _prompt_tokens(model: Blip2, prompt: str) -> list[int]:
 # --------------------------------------------------------------------------------------------- generation
 @torch.inference_mode()
 def generate_text(
-    model: Blip2, images, prompts: list[str], settings: GenerationSettings, *, batch_size: int = DEFAULT_BATCH_SIZE,
+    model: Blip2,
+    images,
+    prompts: list[str],
+    settings: GenerationSettings,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     generator: torch.Generator | None = None,
 ) -> list[str]:
     """Generate one text per (image, prompt) pair."""
@@ -152,16 +159,30 @@ def generate_text(
         soft = _soft_prompts(model, pixels, batch_prompts)
         embeds, mask, _, _ = assemble_prefix(model, soft, [_prompt_tokens(model, p) for p in batch_prompts])
         tokens = generate(
-            lm, embeds, mask, settings, eos_token_ids=_eos_ids(model), pad_token_id=_pad_id(model),
-            decoder_start_token_id=_decoder_start(lm), generator=generator,
+            lm,
+            embeds,
+            mask,
+            settings,
+            eos_token_ids=_eos_ids(model),
+            pad_token_id=_pad_id(model),
+            decoder_start_token_id=_decoder_start(lm),
+            generator=generator,
         )
         out.extend(t.strip() for t in model.tokenizer.batch_decode(tokens, skip_special_tokens=True))
     return out
 
 
 def caption(
-    model: Blip2, images, prompt: str | Sequence[str] | None = None, *, num_beams: int = 1, max_new_tokens: int = 30,
-    do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, batch_size: int = DEFAULT_BATCH_SIZE,
+    model: Blip2,
+    images,
+    prompt: str | Sequence[str] | None = None,
+    *,
+    num_beams: int = 1,
+    max_new_tokens: int = 30,
+    do_sample: bool = False,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     **settings,
 ) -> list[str]:
     """Caption images; `prompt` is one string for all images or one per image (None: the checkpoint's default).
@@ -179,15 +200,25 @@ def caption(
         filled = _texts([p if p is not None else "x" for p in given], "prompts", len(images))
         prompts = [default if p is None else f for p, f in zip(given, filled)]
     s = GenerationSettings(
-        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, top_p=top_p,
-        temperature=temperature, **settings,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        do_sample=do_sample,
+        top_p=top_p,
+        temperature=temperature,
+        **settings,
     )
     return generate_text(model, images, prompts, s, batch_size=batch_size)
 
 
 def answer(
-    model: Blip2, images, questions: str | Sequence[str], *, num_beams: int = 1, max_new_tokens: int = 10,
-    batch_size: int = DEFAULT_BATCH_SIZE, **settings,
+    model: Blip2,
+    images,
+    questions: str | Sequence[str],
+    *,
+    num_beams: int = 1,
+    max_new_tokens: int = 10,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    **settings,
 ) -> list[str]:
     """Answer one question per image with the checkpoint's VQA prompt template."""
     images = _as_list(images, "images")
@@ -232,14 +263,20 @@ class Chat:
 # --------------------------------------------------------------------------------------------- scoring
 @torch.inference_mode()
 def score(
-    model: Blip2, images, texts: str | Sequence[str], *, prompt: str | Sequence[str] | None = None,
+    model: Blip2,
+    images,
+    texts: str | Sequence[str],
+    *,
+    prompt: str | Sequence[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[float]:
     """Log-likelihood of each text given its image (and prompt): sum of log p over the text's tokens + EOS."""
     images = _as_list(images, "images")
     texts = _texts(texts, "texts", len(images))
-    prompts = [model.config.prompts.caption_prompt] * len(images) if prompt is None else _texts(
-        prompt, "prompts", len(images)
+    prompts = (
+        [model.config.prompts.caption_prompt] * len(images)
+        if prompt is None
+        else _texts(prompt, "prompts", len(images))
     )
     lm = model.language_model
     if lm is None:
@@ -254,7 +291,9 @@ def score(
             targets = [model.tokenizer(t).input_ids for t in texts[sl]]  # T5 appends </s>
             out.extend(_score_encoder_decoder(model, soft, prompt_tokens, targets))
         else:
-            targets = [model.tokenizer(" " + t.strip(), add_special_tokens=False).input_ids + eos[:1] for t in texts[sl]]
+            targets = [
+                model.tokenizer(" " + t.strip(), add_special_tokens=False).input_ids + eos[:1] for t in texts[sl]
+            ]
             out.extend(_score_decoder(model, soft, prompt_tokens, targets))
     return out
 
@@ -289,7 +328,11 @@ def _score_encoder_decoder(
 
 
 def rank_answers(
-    model: Blip2, images, questions: str | Sequence[str], candidates: Sequence[str], *,
+    model: Blip2,
+    images,
+    questions: str | Sequence[str],
+    candidates: Sequence[str],
+    *,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[str]:
     """Closed-set VQA: the candidate with the highest log-likelihood for each (image, question)."""
@@ -331,10 +374,12 @@ def itc(model: Blip2, images, texts: str | Sequence[str], *, batch_size: int = D
     _require_heads(model)
     images = _as_list(images, "images")
     texts = _texts(texts, "texts")
-    image_feats = torch.cat([
-        model.itc_image_features(model.image_embeds(pixel_values(model, images[sl])))
-        for sl in _chunks(len(images), batch_size)
-    ])  # [I, Q, E]
+    image_feats = torch.cat(
+        [
+            model.itc_image_features(model.image_embeds(pixel_values(model, images[sl])))
+            for sl in _chunks(len(images), batch_size)
+        ]
+    )  # [I, Q, E]
     text_feats = []
     for sl in _chunks(len(texts), 64):
         ids, mask = _qformer_tokens(model, texts[sl], model.config.prompts.text_max_length)

@@ -71,7 +71,7 @@ def hf_to_ours(key: str) -> str | None:
         index, rest = m.groups()
         for theirs, ours in _LAYER_NAMES.items():
             if rest.startswith(theirs):
-                return f"qformer.layers.{index}.{ours}{rest[len(theirs):]}"
+                return f"qformer.layers.{index}.{ours}{rest[len(theirs) :]}"
         raise CheckpointError(f"unrecognised Q-Former parameter {key!r}")
     for theirs, ours in _TOP_NAMES.items():
         if key == theirs or (theirs.endswith(".") and key.startswith(theirs)):
@@ -86,16 +86,18 @@ def ours_to_hf(key: str, architecture: str) -> str | None:
         index, rest = m.groups()
         for theirs, ours in sorted(_LAYER_NAMES.items(), key=lambda kv: -len(kv[1])):  # longest prefix first
             if rest.startswith(ours):
-                return f"qformer.encoder.layer.{index}.{theirs}{rest[len(ours):]}"
+                return f"qformer.encoder.layer.{index}.{theirs}{rest[len(ours) :]}"
     retrieval = architecture == "Blip2ForImageTextRetrieval"
     instruct = architecture == "InstructBlipForConditionalGeneration"
     table = {
         "qformer.query_tokens": "query_tokens",
         "qformer.embeddings.layernorm.": "qformer.embeddings.layernorm." if instruct else "qformer.layernorm.",
-        "qformer.embeddings.word_embeddings.": "qformer.embeddings.word_embeddings." if instruct else (
-            "embeddings.word_embeddings." if retrieval else None),
-        "qformer.embeddings.position_embeddings.": "qformer.embeddings.position_embeddings." if instruct else (
-            "embeddings.position_embeddings." if retrieval else None),
+        "qformer.embeddings.word_embeddings.": "qformer.embeddings.word_embeddings."
+        if instruct
+        else ("embeddings.word_embeddings." if retrieval else None),
+        "qformer.embeddings.position_embeddings.": "qformer.embeddings.position_embeddings."
+        if instruct
+        else ("embeddings.position_embeddings." if retrieval else None),
         "ln_vision.": "vision_model.post_layernorm.",
         "language_projection.": "language_projection.",
         "vision_proj.": "vision_projection." if retrieval else None,
@@ -153,7 +155,9 @@ def architecture_of(config: dict[str, Any], path: Path) -> str:
     return arch
 
 
-def load_hf(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Blip2:
+def load_hf(
+    source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Blip2:
     """Load a transformers BLIP-2 / InstructBLIP / BLIP-2 retrieval checkpoint into our model."""
     path = resolve(source)
     config = read_config(path)
@@ -176,12 +180,20 @@ def from_hf_model(hf: nn.Module) -> Blip2:
     retrieval = arch == "Blip2ForImageTextRetrieval"
     instruct = arch == "InstructBlipForConditionalGeneration"
     qcfg = QFormerConfig(
-        hidden_size=q.hidden_size, num_layers=q.num_hidden_layers, num_heads=q.num_attention_heads,
-        intermediate_size=q.intermediate_size, num_query_tokens=cfg.num_query_tokens,
-        cross_attention_frequency=q.cross_attention_frequency, encoder_hidden_size=cfg.vision_config.hidden_size,
-        vocab_size=q.vocab_size, max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
-        dropout=q.hidden_dropout_prob, attention_dropout=q.attention_probs_dropout_prob,
-        pad_token_id=q.pad_token_id if q.pad_token_id is not None else 0, hidden_act=q.hidden_act,
+        hidden_size=q.hidden_size,
+        num_layers=q.num_hidden_layers,
+        num_heads=q.num_attention_heads,
+        intermediate_size=q.intermediate_size,
+        num_query_tokens=cfg.num_query_tokens,
+        cross_attention_frequency=q.cross_attention_frequency,
+        encoder_hidden_size=cfg.vision_config.hidden_size,
+        vocab_size=q.vocab_size,
+        max_position_embeddings=q.max_position_embeddings,
+        layer_norm_eps=q.layer_norm_eps,
+        dropout=q.hidden_dropout_prob,
+        attention_dropout=q.attention_probs_dropout_prob,
+        pad_token_id=q.pad_token_id if q.pad_token_id is not None else 0,
+        hidden_act=q.hidden_act,
         text_input=retrieval or instruct or bool(getattr(q, "use_qformer_text_input", False)),
     )
     lm = None if retrieval else hf.language_model
@@ -261,27 +273,40 @@ def _hf_config(model: Blip2, arch: str, image_token_index: int | None):
             f"{vision_type} (layer {model.vision.layer}): save it with format='native'"
         )
     qformer_config = dict(
-        vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
-        num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size, hidden_act=q.hidden_act,
-        hidden_dropout_prob=q.dropout, attention_probs_dropout_prob=q.attention_dropout,
-        max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
-        pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_frequency,
+        vocab_size=q.vocab_size,
+        hidden_size=q.hidden_size,
+        num_hidden_layers=q.num_layers,
+        num_attention_heads=q.num_heads,
+        intermediate_size=q.intermediate_size,
+        hidden_act=q.hidden_act,
+        hidden_dropout_prob=q.dropout,
+        attention_probs_dropout_prob=q.attention_dropout,
+        max_position_embeddings=q.max_position_embeddings,
+        layer_norm_eps=q.layer_norm_eps,
+        pad_token_id=q.pad_token_id,
+        cross_attention_frequency=q.cross_attention_frequency,
         encoder_hidden_size=q.encoder_hidden_size,
     )
     vision_config = dict(model.vision.model.config.to_dict())
     vision_config["layer_norm_eps"] = model.ln_vision.eps
     if arch == "InstructBlipForConditionalGeneration":
         return transformers.InstructBlipConfig(
-            vision_config=vision_config, qformer_config=qformer_config, text_config=model.config.language,
-            num_query_tokens=q.num_query_tokens, image_token_index=image_token_index,
+            vision_config=vision_config,
+            qformer_config=qformer_config,
+            text_config=model.config.language,
+            num_query_tokens=q.num_query_tokens,
+            image_token_index=image_token_index,
         )
     if arch == "Blip2ForConditionalGeneration":
         qformer_config["use_qformer_text_input"] = False
     else:
         qformer_config["use_qformer_text_input"] = True
     return transformers.Blip2Config(
-        vision_config=vision_config, qformer_config=qformer_config, text_config=model.config.language,
-        num_query_tokens=q.num_query_tokens, image_token_index=image_token_index,
+        vision_config=vision_config,
+        qformer_config=qformer_config,
+        text_config=model.config.language,
+        num_query_tokens=q.num_query_tokens,
+        image_token_index=image_token_index,
         image_text_hidden_size=model.config.embed_dim or 256,
     )
 

@@ -519,7 +519,10 @@ def load_lavis(
         layers = 1 + max(int(k.split(".")[3]) for k in weights if k.startswith("vision_model.encoder.layers."))
         grid = round((weights["vision_model.embeddings.position_embedding"].shape[1] - 1) ** 0.5)
         vcfg = transformers.Blip2VisionConfig(
-            hidden_size=width, num_hidden_layers=layers, patch_size=p, image_size=image_size or grid * p,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            patch_size=p,
+            image_size=image_size or grid * p,
             num_attention_heads=vision_heads or (16 if width == 1408 else max(1, width // 64)),  # EVA ViT-g: 16
             intermediate_size=weights["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         )
@@ -550,9 +553,12 @@ def load_lavis(
         "embeddings.position_embeddings.weight", weights.get("qformer.embeddings.position_embeddings.weight")
     )
     qcfg = QFormerConfig(
-        hidden_size=H, num_layers=len(layer_ids), num_heads=qformer_heads or max(1, H // 64),
+        hidden_size=H,
+        num_layers=len(layer_ids),
+        num_heads=qformer_heads or max(1, H // 64),
         intermediate_size=weights["qformer.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
-        num_query_tokens=queries.shape[1], cross_attention_frequency=cross[1] - cross[0] if len(cross) > 1 else 1,
+        num_query_tokens=queries.shape[1],
+        cross_attention_frequency=cross[1] - cross[0] if len(cross) > 1 else 1,
         encoder_hidden_size=weights[f"qformer.encoder.layer.{cross[0]}.crossattention.attention.key.weight"].shape[1],
         vocab_size=word.shape[0] if word is not None else 30523,
         max_position_embeddings=pos.shape[0] if pos is not None else 512,
@@ -584,12 +590,15 @@ def load_lavis(
             )
     t5 = lm is not None and lm.config.is_encoder_decoder
     config = Blip2Config(
-        qformer=qcfg, vision=vcfg.to_dict(), vision_layer=-1,
+        qformer=qcfg,
+        vision=vcfg.to_dict(),
+        vision_layer=-1,
         vision_norm_eps=1e-5,  # LAVIS's ln_vision is a default nn.LayerNorm
         language=None if lm is None else lm.config.to_dict(),
         embed_dim=weights["vision_projection.weight"].shape[0] if retrieval else None,
         prompts=PromptStyle(
-            vqa_template="Question: {} Short answer:" if t5 else "Question: {} Answer:", instruct=instruct,
+            vqa_template="Question: {} Short answer:" if t5 else "Question: {} Answer:",
+            instruct=instruct,
             caption_prompt="A short image caption:" if instruct else "",
         ),
     )
@@ -600,8 +609,9 @@ def load_lavis(
     result = model.load_state_dict(bridge, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(("vision.", "language_model.", "temp"))]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path}: bridge weights do not fit: missing {missing[:6]}, unexpected "
-                              f"{result.unexpected_keys[:6]}")
+        raise CheckpointError(
+            f"{path}: bridge weights do not fit: missing {missing[:6]}, unexpected {result.unexpected_keys[:6]}"
+        )
     model.tokenizer = tokenizer
     if qformer_tokenizer is not None:
         from vlbridge.interop.hf import resolve

@@ -58,7 +58,9 @@ def load_native(path: Path, *, device: str | torch.device = "cpu", dtype: torch.
 
     meta = json.loads((path / CONFIG_NAME).read_text())
     if meta.get("format_version") != FORMAT_VERSION or meta.get("model") != "blip2":
-        raise CheckpointError(f"{path}: unsupported vlbridge checkpoint {meta.get('model')} v{meta.get('format_version')}")
+        raise CheckpointError(
+            f"{path}: unsupported vlbridge checkpoint {meta.get('model')} v{meta.get('format_version')}"
+        )
     config = Blip2Config.from_dict(meta["config"])
     vision = FrozenVisionEncoder(build_vision_model(config.vision), layer=config.vision_layer)
     lm = None
