@@ -606,8 +606,19 @@ def load_lavis(
     bridge = {hf_to_ours(k): v.float() for k, v in weights.items() if hf_to_ours(k) is not None}
     if "temp" in extras and retrieval:
         bridge["temp"] = extras["temp"].float().reshape(())
+    itg_names = {  # LAVIS's ITG head (BERT LM head); its decoder weight is tied to the word embeddings
+        "Qformer.cls.predictions.transform.dense.weight": "itg_head.dense.weight",
+        "Qformer.cls.predictions.transform.dense.bias": "itg_head.dense.bias",
+        "Qformer.cls.predictions.transform.LayerNorm.weight": "itg_head.norm.weight",
+        "Qformer.cls.predictions.transform.LayerNorm.bias": "itg_head.norm.bias",
+        "Qformer.cls.predictions.bias": "itg_head.decoder.bias",
+    }
+    if retrieval:
+        bridge.update({ours: extras[theirs].float() for theirs, ours in itg_names.items() if theirs in extras})
     result = model.load_state_dict(bridge, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("vision.", "language_model.", "temp"))]
+    missing = [
+        k for k in result.missing_keys if not k.startswith(("vision.", "language_model.", "temp", "itg_head."))
+    ]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{path}: bridge weights do not fit: missing {missing[:6]}, unexpected {result.unexpected_keys[:6]}"

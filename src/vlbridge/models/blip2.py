@@ -57,6 +57,25 @@ class Blip2Config:
         return cls(**d)
 
 
+class LMHead(nn.Module):
+    """BERT's masked-LM head, used for ITG: transform (dense, GELU, LayerNorm) then the tied word embeddings."""
+
+    def __init__(self, config: QFormerConfig, *, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        H = config.hidden_size
+        self.dense = nn.Linear(H, H)
+        self.norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(H, config.vocab_size)
+        self.decoder.weight = word_embeddings.weight  # tied, as in BERT
+        nn.init.zeros_(self.decoder.bias)
+        nn.init.normal_(self.dense.weight, std=0.02)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, T, H] -> logits [B, T, V]."""
+        return self.decoder(self.norm(F.gelu(self.dense(x))))
+
+
 class Blip2(nn.Module):
     """The BLIP-2 composition. Build it with `vlbridge.load(...)` or from parts."""
 
@@ -78,6 +97,7 @@ class Blip2(nn.Module):
             self.text_proj = nn.Linear(qcfg.hidden_size, config.embed_dim)
             self.itm_head = nn.Linear(qcfg.hidden_size, 2)
             self.temp = nn.Parameter(torch.tensor(0.07))
+            self.itg_head = LMHead(qcfg, word_embeddings=self.qformer.embeddings.word_embeddings)
         self.language_model = language_model
         if language_model is not None:
             language_model.requires_grad_(False)

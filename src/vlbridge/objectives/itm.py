@@ -1,0 +1,41 @@
+"""Image-text matching (ITM) with hard negatives mined from the contrastive similarities.
+
+For every text one negative image, for every image one negative text, drawn with probability
+proportional to softmax(similarity) among candidates with a *different* image id (ids may be any
+string; a caption of the same image is never a negative). All in one vectorised draw.
+
+Shapes: B local batch, G global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sample_negatives(sim: Tensor, ids: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Hard negatives from a [G, G] image-text similarity (rows images, columns texts).
+
+    Returns:
+        (negative image index for each text [G], negative text index for each image [G]).
+    """
+    same = ids[:, None] == ids[None, :]  # [G, G] pairs that must not be negatives
+    with torch.no_grad():
+        w_t2i = F.softmax(sim.t().float(), dim=1).masked_fill(same, 0)  # each text's weights over images
+        w_i2t = F.softmax(sim.float(), dim=1).masked_fill(same, 0)  # each image's weights over texts
+        # A row without any valid candidate (every sample shares one id) falls back to uniform over others.
+        for w in (w_t2i, w_i2t):
+            empty = w.sum(dim=1) == 0
+            if empty.any():
+                w[empty] = (~torch.eye(w.shape[0], dtype=torch.bool, device=w.device))[empty].float()
+        neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+        neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    return neg_image, neg_text
+
+
+def itm_loss(logits: Tensor) -> Tensor:
+    """Cross-entropy of [3B, 2] logits ordered (positive pairs, negative images, negative texts)."""
+    B = logits.shape[0] // 3
+    labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+    return F.cross_entropy(logits, labels)

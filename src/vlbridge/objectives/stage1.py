@@ -1,0 +1,132 @@
+"""Stage-1 representation learning: ITC + ITM + ITG on one batch, summed with equal weights.
+
+Work is shared between the three objectives wherever the maths allows:
+- the image's cross-attention keys/values are projected once and indexed for the ITM pairs;
+- ITG reuses the queries' self-attention keys/values from the ITC image pass;
+- hard negatives are drawn in one vectorised call.
+
+Across ranks, ITC is computed over the whole global batch on every rank with gradient into the local
+slice (scaled so DDP's gradient averaging reproduces the single-process gradient exactly); ITM negatives
+come from the global batch (their image features gathered with gradient), drawn with a generator seeded
+identically on every rank.
+
+Shapes: B local batch, G global batch, N image tokens, Dv image width, Q queries, E ITC width, T text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlbridge.models.blip2 import Blip2
+from vlbridge.objectives.itc import itc_loss, itc_similarity
+from vlbridge.objectives.itg import itg_loss
+from vlbridge.objectives.itm import itm_loss, sample_negatives
+from vlbridge.training import distributed as D
+
+TEMPERATURE_RANGE = (0.001, 0.5)
+
+
+@dataclass
+class Stage1Output:
+    loss: Tensor  # what to backpropagate (ITC scaled by world size, see module docstring)
+    itc_loss: Tensor
+    itm_loss: Tensor
+    itg_loss: Tensor
+    itm_accuracy: Tensor
+
+    def logs(self) -> dict[str, float]:
+        return {
+            "loss": float(self.itc_loss + self.itm_loss + self.itg_loss),
+            "itc_loss": float(self.itc_loss),
+            "itm_loss": float(self.itm_loss),
+            "itg_loss": float(self.itg_loss),
+            "itm_acc": float(self.itm_accuracy),
+        }
+
+
+def stage1_losses(
+    model: Blip2,
+    vision_feats: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    ids: Tensor,
+    *,
+    dec_token_id: int,
+    generator: torch.Generator | None = None,
+    label_smoothing: float = 0.1,
+) -> Stage1Output:
+    """The three stage-1 losses.
+
+    Args:
+        model: a BLIP-2 model with stage-1 heads (`embed_dim` set, text input enabled).
+        vision_feats: frozen encoder output [B, N, Dv] (before `ln_vision`), computed or read from a cache.
+        input_ids: Q-Former text tokens [B, T] starting with [CLS], padded to the same T on every rank.
+        attention_mask: [B, T].
+        ids: [B] image-id codes (`training.distributed.id_codes`): equal codes are the same image.
+        dec_token_id: id of `[DEC]`, which replaces [CLS] for ITG.
+        generator: draws the ITM negatives; seed it identically on every rank.
+        label_smoothing: for ITC and ITG (0.1 in the paper).
+    """
+    qformer = model.qformer
+    B = input_ids.shape[0]
+    with torch.no_grad():
+        model.temp.clamp_(*TEMPERATURE_RANGE)
+
+    image_embeds = model.ln_vision(vision_feats.to(model.ln_vision.weight.dtype))  # [B, N, Dv]
+    image_kv = qformer.image_kv(image_embeds)  # per layer ([B, nh, N, hd], [B, nh, N, hd]) or None
+
+    # ITC: a query-only pass and a text-only pass (the unimodal regime).
+    image_pass = qformer(image_kv=image_kv, return_query_kv=True)
+    image_feats = F.normalize(model.vision_proj(image_pass.query_output), dim=-1)  # [B, Q, E]
+    text_out = qformer(input_ids=input_ids, attention_mask=attention_mask, use_queries=False)
+    text_feats = F.normalize(model.text_proj(text_out.hidden_states[:, 0]), dim=-1)  # [B, E]
+
+    world = D.world_size()
+    all_ids = D.gather_no_grad(ids)  # [G]
+    sim = itc_similarity(D.gather_with_local_grad(image_feats), D.gather_with_local_grad(text_feats))  # [G, G]
+    loss_itc = itc_loss(sim, model.temp, all_ids, label_smoothing=label_smoothing)
+
+    # ITM: positives, (negative image, text), (image, negative text) in one bidirectional pass of 3B pairs.
+    neg_image, neg_text = sample_negatives(sim.detach(), all_ids, generator=generator)
+    start = D.rank() * B
+    local = slice(start, start + B)
+    neg_image, neg_text = neg_image[local], neg_text[local]  # this rank's texts / images
+    if world == 1:
+        neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]
+    else:  # negatives may live on other ranks: gather their features (with gradient) and project those
+        neg_kv = qformer.image_kv(D.gather_with_grad(image_embeds)[neg_image])
+    pair_kv = [
+        None if kv is None else (torch.cat([kv[0], nkv[0], kv[0]]), torch.cat([kv[1], nkv[1], kv[1]]))
+        for kv, nkv in zip(image_kv, neg_kv)
+    ]
+    all_input_ids = D.gather_no_grad(input_ids)
+    all_mask = D.gather_no_grad(attention_mask)
+    pair_ids = torch.cat([input_ids, input_ids, all_input_ids[neg_text]])  # [3B, T]
+    pair_mask = torch.cat([attention_mask, attention_mask, all_mask[neg_text]])
+    pairs = qformer(image_kv=pair_kv, input_ids=pair_ids, attention_mask=pair_mask, regime="bidirectional")
+    itm_logits = model.itm_head(pairs.query_output).mean(dim=1)  # [3B, 2]
+    loss_itm = itm_loss(itm_logits)
+    with torch.no_grad():
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).to(itm_logits.device)
+        itm_acc = (itm_logits.argmax(-1).float() == labels).float().mean()
+
+    # ITG: [DEC] + text, causal over the cached query keys/values.
+    dec_ids = input_ids.clone()
+    dec_ids[:, 0] = dec_token_id
+    decoded = qformer(
+        input_ids=dec_ids,
+        attention_mask=attention_mask,
+        use_queries=False,
+        query_kv=image_pass.query_kv,
+        regime="causal",
+    )
+    loss_itg = itg_loss(model.itg_head(decoded.hidden_states), dec_ids, attention_mask, label_smoothing=label_smoothing)
+
+    # Every rank computed the whole-batch ITC loss but back-propagates only its slice: scale by the world size
+    # so that DDP's averaging sums the slices.
+    total = world * loss_itc + loss_itm + loss_itg
+    return Stage1Output(total, loss_itc.detach(), loss_itm.detach(), loss_itg.detach(), itm_acc)

@@ -1,0 +1,134 @@
+"""Each stage-1 loss equals a straightforward reference computation (no K/V reuse, per-sample loops)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stage1_factory import tiny_stage1
+from vlbridge.objectives.itc import itc_loss, itc_similarity
+from vlbridge.objectives.itm import sample_negatives
+from vlbridge.objectives.stage1 import stage1_losses
+from vlbridge.training.distributed import id_codes
+
+DEC = 59
+
+
+def batch(B=5, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, 5, 20, generator=g)
+    ids = torch.randint(3, 58, (B, T), generator=g)
+    ids[:, 0] = 1  # [CLS]
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, -3:] = 0
+    mask[2, -1:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return feats, ids, mask
+
+
+def reference_losses(model, feats, ids, mask, codes, neg_image, neg_text):
+    """LAVIS-style: every pass recomputes its cross-attention K/V and its queries; loops per sample."""
+    q = model.qformer
+    emb = model.ln_vision(feats)
+    image_out = q(image_embeds=emb).query_output
+    img = F.normalize(model.vision_proj(image_out), dim=-1)
+    txt = F.normalize(
+        model.text_proj(q(input_ids=ids, attention_mask=mask, use_queries=False).hidden_states[:, 0]), dim=-1
+    )
+    B = len(ids)
+    sim_i2t = torch.stack([torch.stack([(img[i] @ txt[j]).max() for j in range(B)]) for i in range(B)])
+    targets = torch.arange(B)
+    itc = (
+        F.cross_entropy(sim_i2t / model.temp, targets, label_smoothing=0.1)
+        + F.cross_entropy(sim_i2t.t() / model.temp, targets, label_smoothing=0.1)
+    ) / 2
+    logits = []
+    for i in range(B):  # positive, negative image for text i, negative text for image i
+        for im, tx in ((i, i), (int(neg_image[i]), i), (i, int(neg_text[i]))):
+            out = q(image_embeds=emb[im : im + 1], input_ids=ids[tx : tx + 1], attention_mask=mask[tx : tx + 1])
+            logits.append(model.itm_head(out.query_output).mean(1))
+    logits = torch.cat(logits).view(B, 3, 2).transpose(0, 1).reshape(3 * B, 2)
+    labels = torch.tensor([1] * B + [0] * 2 * B)
+    itm = F.cross_entropy(logits, labels)
+    dec = ids.clone()
+    dec[:, 0] = DEC
+    full = q(image_embeds=emb, input_ids=dec, attention_mask=mask, regime="causal")
+    lm = model.itg_head(full.text_output)
+    target = dec.masked_fill(mask == 0, -100)
+    itg = F.cross_entropy(lm[:, :-1].reshape(-1, lm.shape[-1]), target[:, 1:].reshape(-1), label_smoothing=0.1)
+    return itc, itm, itg
+
+
+def test_losses_equal_reference():
+    model = tiny_stage1()
+    feats, ids, mask = batch()
+    codes = id_codes([f"img{i}" for i in range(len(ids))])
+    out = stage1_losses(model, feats, ids, mask, codes, dec_token_id=DEC, generator=torch.Generator().manual_seed(4))
+    # the negatives the objective drew, drawn again from the same generator state
+    with torch.no_grad():
+        emb = model.ln_vision(feats)
+        img = F.normalize(model.vision_proj(model.qformer(image_embeds=emb).query_output), dim=-1)
+        t = model.qformer(input_ids=ids, attention_mask=mask, use_queries=False).hidden_states[:, 0]
+        sim = itc_similarity(img, F.normalize(model.text_proj(t), dim=-1))
+    neg_image, neg_text = sample_negatives(sim, codes, generator=torch.Generator().manual_seed(4))
+    itc, itm, itg = reference_losses(model, feats, ids, mask, codes, neg_image, neg_text)
+    assert out.itc_loss == pytest.approx(float(itc), abs=1e-5)
+    assert out.itm_loss == pytest.approx(float(itm), abs=1e-5)
+    assert out.itg_loss == pytest.approx(float(itg), abs=1e-5)
+
+
+def test_itc_soft_targets_reduce_to_label_smoothing_with_unique_ids():
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(6, 6, generator=g)
+    temp = torch.tensor(0.07)
+    ids = torch.arange(6)
+    ref = (
+        F.cross_entropy(sim / temp, ids, label_smoothing=0.1)
+        + F.cross_entropy(sim.t() / temp, ids, label_smoothing=0.1)
+    ) / 2
+    assert float(itc_loss(sim, temp, ids)) == pytest.approx(float(ref), rel=1e-6)
+    # two captions of one image: both are positives for that image
+    dup = torch.tensor([0, 0, 1, 2, 3, 4])
+    assert float(itc_loss(sim, temp, dup)) != pytest.approx(float(ref), abs=1e-4)
+
+
+def test_negatives_never_share_an_image_id_and_follow_similarity():
+    ids = id_codes(["a", "a", "b", "c", "d", "e"])  # string ids; the first two captions share an image
+    sim = torch.zeros(6, 6)
+    sim[:, 5] = 5.0  # text 5 looks like every image: the hardest negative text for all
+    counts = torch.zeros(6)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        neg_image, neg_text = sample_negatives(sim, ids, generator=g)
+        assert (ids[neg_image] != ids).all() and (ids[neg_text] != ids).all()
+        counts += torch.bincount(neg_text[:5], minlength=6)
+    assert counts[5] > 0.8 * counts.sum()  # drawn in proportion to softmax(similarity)
+
+
+def test_all_same_id_does_not_crash():
+    ids = id_codes(["x"] * 4)
+    neg_image, neg_text = sample_negatives(torch.randn(4, 4), ids)
+    assert (neg_image != torch.arange(4)).all()
+
+
+def test_gradients_reach_trainable_parts_and_never_the_frozen_encoder():
+    model = tiny_stage1()
+    model.train()
+    pixels = torch.randn(3, 3, 16, 16)
+    feats = model.vision(pixels)
+    _, ids, mask = batch(B=3)
+    out = stage1_losses(model, feats, ids, mask, id_codes(["1", "2", "3"]), dec_token_id=DEC)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("vision."):
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_batch_size_one():
+    model = tiny_stage1()
+    feats, ids, mask = batch(B=1)
+    out = stage1_losses(model, feats, ids, mask, id_codes(["only"]), dec_token_id=DEC)
+    assert torch.isfinite(out.loss)
