@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 import types
@@ -97,12 +98,16 @@ def test_caption_prompt_and_sampling(capsys, opt_dir, images):
 # ------------------------------------------------------------------------------------------------------------ ask
 def test_ask_several_questions(capsys, opt_dir, opt_model, images):
     questions = ["what colour is the circle?", "how many objects?"]
-    code, out, err = run(capsys, "ask", "-m", opt_dir, images[0], "-q", questions[0], "--question", questions[1])
+    code, out, err = run(
+        capsys, "ask", "-m", opt_dir, images[0], "-q", questions[0], "--question", questions[1], "--max-new-tokens", "4"
+    )
     assert code == 0 and err == ""
-    expected = opt_model.answer([images[0]] * 2, questions)
+    expected = opt_model.answer([images[0]] * 2, questions, max_new_tokens=4)
     assert out.splitlines() == [f"{images[0]}: Q: {q}  A: {a}" for q, a in zip(questions, expected)]
 
-    code, out, _ = run(capsys, "ask", "-m", opt_dir, images[0], "-q", questions[0], "-q", questions[1], "--json")
+    code, out, _ = run(
+        capsys, "ask", "-m", opt_dir, images[0], "-q", questions[0], "-q", questions[1], "--json", "--max-new-tokens", "4"
+    )
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert rows == [{"image": images[0], "question": q, "answer": a} for q, a in zip(questions, expected)]
@@ -237,44 +242,48 @@ def test_deferred_commands_are_picked_up(capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------ demo
-def test_demo(capsys, tmp_path):
-    code, out, err = run(capsys, "demo", "--out-dir", str(tmp_path))
-    assert code == 0
-    assert "UNTRAINED" in out and "random weights" in out
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["untrained"] is True
-    assert summary["reloaded_outputs_match"] == {"native": True, "hf": True}
-    assert len(summary["captions"]) == 2 and all(Path(p).is_file() for p in summary["images"])
-    assert all(Path(p).is_dir() for p in summary["checkpoints"].values())
-    assert set(summary["answers"]) == set(summary["captions"])
-
-
-def test_run_demo_returns_results(tmp_path):
+def test_run_demo(capsys, tmp_path):
     from vlbridge.demo import run_demo
 
-    result = run_demo(tmp_path / "d", verbose=False)
+    result = run_demo(tmp_path)
+    out = capsys.readouterr().out
+    assert "UNTRAINED" in out and "random weights" in out
     assert result["untrained"] is True
+    assert result["reloaded_outputs_match"] == {"native": True, "hf": True}
+    assert len(result["captions"]) == 2 and all(Path(p).is_file() for p in result["images"])
+    assert set(result["answers"]) == set(result["captions"])
     assert set(result["checkpoints"]) == {"random_init", "native", "hf"}
-    # The demo's own checkpoints work with the CLI.
-    assert cli.main(["caption", "--model", result["checkpoints"]["native"], result["images"][0], "--json"]) == 0
+    assert all(Path(p).is_dir() for p in result["checkpoints"].values())
+    assert json.loads((tmp_path / "summary.json").read_text()) == result
 
 
-# ------------------------------------------------------------------------------------------------------------ processes
-def test_console_script_help():
+def test_demo_command(capsys, monkeypatch, tmp_path):
+    import vlbridge.demo
+
+    calls = []
+    monkeypatch.setattr(vlbridge.demo, "run_demo", lambda out_dir="runs/demo": calls.append(out_dir) or {})
+    assert run(capsys, "demo")[0] == 0
+    assert run(capsys, "demo", "--out-dir", str(tmp_path))[0] == 0
+    assert calls == ["runs/demo", str(tmp_path)]
+
+
+# ------------------------------------------------------------------------------------------------------------ entry points
+def test_python_m_vlbridge(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["vlbridge", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("vlbridge", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "caption" in capsys.readouterr().out
+
+
+def test_console_script_user_error(tmp_path):
+    """A real process: exit status 1 and one line on stderr, no traceback."""
     script = Path(sys.executable).parent / "vlbridge"
     if not script.exists():
         pytest.skip("console script not installed next to this interpreter")
-    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0
-    for command in ("caption", "ask", "match", "train", "eval", "demo", "serve"):
-        assert command in proc.stdout
-
-
-def test_python_m_user_error_has_no_traceback(tmp_path):
     missing = str(tmp_path / "missing.png")
     proc = subprocess.run(
-        [sys.executable, "-m", "vlbridge", "caption", "--model", str(tmp_path), missing],
-        capture_output=True, text=True, timeout=60,
+        [str(script), "caption", "--model", str(tmp_path), missing], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 1 and proc.stdout == ""
     assert_one_line_error(proc.stderr, missing)

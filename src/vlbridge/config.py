@@ -290,7 +290,8 @@ def load_yaml(cls: type[T], path: str | os.PathLike, overrides: Sequence[str] = 
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        source = f"{path} with overrides" if overrides else str(path)  # the bad value may come from either
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def save_yaml(obj: Any, path: str | os.PathLike) -> None:

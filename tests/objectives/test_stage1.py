@@ -22,7 +22,7 @@ def batch(B=5, T=7, seed=0):
     ids[:, 0] = 1  # [CLS]
     mask = torch.ones(B, T, dtype=torch.long)
     mask[0, -3:] = 0
-    mask[2, -1:] = 0
+    mask[B - 1, -1:] = 0
     ids = ids.masked_fill(mask == 0, 0)
     return feats, ids, mask
 
