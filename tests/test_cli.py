@@ -105,9 +105,8 @@ def test_ask_several_questions(capsys, opt_dir, opt_model, images):
     expected = opt_model.answer([images[0]] * 2, questions, max_new_tokens=4)
     assert out.splitlines() == [f"{images[0]}: Q: {q}  A: {a}" for q, a in zip(questions, expected)]
 
-    code, out, _ = run(
-        capsys, "ask", "-m", opt_dir, images[0], "-q", questions[0], "-q", questions[1], "--json", "--max-new-tokens", "4"
-    )
+    argv = ["ask", "-m", opt_dir, images[0], "-q", questions[0], "-q", questions[1], "--max-new-tokens", "4"]
+    code, out, _ = run(capsys, *argv, "--json")
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert rows == [{"image": images[0], "question": q, "answer": a} for q, a in zip(questions, expected)]
@@ -267,7 +266,7 @@ def test_demo_command(capsys, monkeypatch, tmp_path):
     assert calls == ["runs/demo", str(tmp_path)]
 
 
-# ------------------------------------------------------------------------------------------------------------ entry points
+# ------------------------------------------------------------------------------------------------------- entry points
 def test_python_m_vlbridge(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["vlbridge", "--help"])
     with pytest.raises(SystemExit) as exit_info:

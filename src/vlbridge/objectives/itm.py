@@ -24,11 +24,14 @@ def sample_negatives(sim: Tensor, ids: Tensor, *, generator: torch.Generator | N
     with torch.no_grad():
         w_t2i = F.softmax(sim.t().float(), dim=1).masked_fill(same, 0)  # each text's weights over images
         w_i2t = F.softmax(sim.float(), dim=1).masked_fill(same, 0)  # each image's weights over texts
-        # A row without any valid candidate (every sample shares one id) falls back to uniform over others.
+        # A row without any valid candidate (every sample shares one id) falls back to uniform over the other
+        # samples; a batch of one has no other sample and pairs with itself (a wrong but harmless label).
+        G = w_t2i.shape[0]
+        fallback = (~torch.eye(G, dtype=torch.bool, device=sim.device)).float() if G > 1 else torch.ones(1, 1)
         for w in (w_t2i, w_i2t):
             empty = w.sum(dim=1) == 0
             if empty.any():
-                w[empty] = (~torch.eye(w.shape[0], dtype=torch.bool, device=w.device))[empty].float()
+                w[empty] = fallback[empty]
         neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
         neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_image, neg_text
