@@ -75,10 +75,9 @@ def test_caption_human(capsys, opt_dir, opt_model, images):
 
 
 def test_caption_json_batches_in_order(capsys, opt_dir, opt_model, images):
-    code, out, err = run(
-        capsys, "caption", "-m", opt_dir, *images, "--json", "--batch-size", "2", "--num-beams", "2",
-        "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32",
-    )
+    options = ["--json", "--batch-size", "2", "--num-beams", "2", "--max-new-tokens", "4"]
+    options += ["--device", "cpu", "--dtype", "fp32"]
+    code, out, err = run(capsys, "caption", "-m", opt_dir, *images, *options)
     assert code == 0 and err == ""
     rows = [json.loads(line) for line in out.splitlines()]
     expected = opt_model.caption(images, num_beams=2, max_new_tokens=4)
@@ -86,8 +85,8 @@ def test_caption_json_batches_in_order(capsys, opt_dir, opt_model, images):
 
 
 def test_caption_prompt_and_sampling(capsys, opt_dir, images):
-    args = ("caption", "-m", opt_dir, images[0], "--prompt", "a photo of", "--sample", "--top-p", "0.9",
-            "--temperature", "0.7", "--seed", "3", "--max-new-tokens", "4", "--json")
+    options = ["--sample", "--top-p", "0.9", "--temperature", "0.7", "--seed", "3", "--max-new-tokens", "4", "--json"]
+    args = ("caption", "-m", opt_dir, images[0], "--prompt", "a photo of", *options)
     code, first, _ = run(capsys, *args)
     assert code == 0
     code, second, _ = run(capsys, *args)

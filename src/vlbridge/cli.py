@@ -194,8 +194,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
     _seed(args.seed)
     for batch in _batches(args.images, args.batch_size, "captioning"):
         captions = model.caption(
-            batch, prompt=args.prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, do_sample=args.sample, top_p=args.top_p, temperature=args.temperature,
+            batch,
+            prompt=args.prompt,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            do_sample=args.sample,
+            top_p=args.top_p,
+            temperature=args.temperature,
         )
         for image, caption in zip(batch, captions):
             _emit(_json({"image": image, "caption": caption}) if args.json else f"{image}: {caption}")
@@ -210,8 +216,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     check_images([args.image])
     model = _load(args)
     answers = model.answer(
-        [args.image] * len(args.question), args.question, num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        [args.image] * len(args.question),
+        args.question,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
     )
     for question, answer in zip(args.question, answers):
         if args.json:
@@ -381,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser(
-        "match", help="score image-text pairs (ITM + ITC)",
+        "match",
+        help="score image-text pairs (ITM + ITC)",
         description="ITM match probability and ITC similarity of every (image, text) pair; needs a stage-1 model.",
     )
     p.add_argument("--image", "-i", nargs="+", action="extend", required=True, metavar="I", help="image files")

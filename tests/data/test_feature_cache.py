@@ -83,9 +83,7 @@ def encode(encoder: torch.nn.Module, pixels: torch.Tensor, dtype: torch.dtype, b
         return torch.cat([encoder(chunk).to(dtype).float() for chunk in pixels.split(batch)])
 
 
-def expected_eval(
-    encoder: torch.nn.Module, paths: list[Path], dtype: torch.dtype, batch: int = 32
-) -> torch.Tensor:
+def expected_eval(encoder: torch.nn.Module, paths: list[Path], dtype: torch.dtype, batch: int = 32) -> torch.Tensor:
     transform = EvalTransform(CONFIG)
     return encode(encoder, torch.stack([transform(load_image(p)) for p in paths]), dtype, batch)
 
@@ -158,6 +156,11 @@ def test_reopen_reuses_without_encoding(images, tmp_path):
     opened = FeatureCache.open(tmp_path, first.key)
     assert opened.key == first.key and opened.paths == first.paths
     assert [p.name for p in tmp_path.iterdir() if p.name != "images"] == [first.key]  # no leftovers
+    # build() always recomputes, replacing the folder in place
+    rebuilt = FeatureCache.build(encoder, images, tmp_path, transform_config=CONFIG, progress=False, batch_size=2)
+    assert counter.calls == 6 and rebuilt.key == first.key
+    assert torch.equal(rebuilt.features(images), first.features(images))
+    assert [p.name for p in tmp_path.iterdir() if p.name != "images"] == [first.key]
 
 
 def test_key_changes_with_weights_preprocessing_settings_and_files(images, tmp_path):
@@ -199,7 +202,7 @@ def test_key_changes_with_weights_preprocessing_settings_and_files(images, tmp_p
     Image.new("RGB", (20, 20), (255, 0, 0)).save(images[0])
     new = FeatureCache.get_or_build(encoder, images, tmp_path / "c", transform_config=CONFIG, progress=False)
     assert new.key != base and counter.calls == 2
-    assert torch.equal(new.features(images[:1]), expected_eval(encoder, images[:1], torch.float16))
+    assert torch.equal(new.features(images[:1]), expected_eval(encoder, images, torch.float16)[:1])
 
 
 def test_fingerprint_sees_every_byte_and_order():
@@ -231,7 +234,9 @@ def test_corrupt_and_missing_images_are_skipped_and_reported(images, tmp_path, c
     assert isinstance(report, SkipReport) and report.count == 2 and report.samples == len(images) - 1
     assert "skipped 2 samples" in caplog.text
     good = [images[0], *images[2:]]
-    assert torch.equal(cache.features(good), expected_eval(encoder, good, torch.float16))
+    # the build encoded [0], [2, 3], [4]: the batches of 2 minus the skipped images
+    expected = torch.cat([expected_eval(encoder, group, torch.float16) for group in ([good[0]], good[1:3], good[3:])])
+    assert torch.equal(cache.features(good), expected)
     with pytest.raises(InputError, match="skipped at build time"):
         cache.features([images[1]])
     with pytest.raises(InputError, match="other images"):
@@ -319,14 +324,18 @@ def test_memory_mapped_and_sharded(images, tmp_path):
     shard = reopened.shard(1)
     assert isinstance(shard, np.memmap) and shard.shape == (4, 17, 32) and not shard.flags.writeable
     transform = TrainTransform(CONFIG)
+    pixels = [
+        transform(load_image(p), generator=torch.Generator().manual_seed(cache.view_seed(p, v)))
+        for p in images
+        for v in range(2)
+    ]
+    expected = encode(encoder, torch.stack(pixels), torch.float16)[-1:]  # view 1 of the last image
     last = images[-1]
-    pixels = transform(load_image(last), generator=torch.Generator().manual_seed(cache.view_seed(last, 1)))
-    with torch.inference_mode():
-        expected = encoder(pixels[None]).half().float()
     assert torch.equal(reopened.features([last], 1), expected)
     # pickling (spawned DataLoader workers) carries the index, not the mapped features
+    assert len(reopened._maps) == 2
     blob = pickle.dumps(reopened)
-    assert len(blob) < row_bytes
+    assert len(blob) == len(pickle.dumps(FeatureCache.open(cache.root)))  # mapped shards add nothing
     assert torch.equal(pickle.loads(blob).features([last], 1), expected)
 
 

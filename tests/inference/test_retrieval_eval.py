@@ -33,6 +33,16 @@ CAPTIONS = [
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 220, 20), (150, 30, 160), (250, 140, 0)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread. On the shared, oversubscribed test machine two OpenMP threads make
+    these ops two orders of magnitude slower (spin-waiting), not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = build_checkpoint(tmp_path_factory.mktemp("retr"), family="retrieval", sizes=Sizes(image_size=32), seed=5)
@@ -109,6 +119,15 @@ def test_shortlist_rerank_scores(model, records):
         assert sorted(finite.tolist()) == sorted(top_texts[i].tolist())
         torch.testing.assert_close(scores.i2t[i, finite], full[i, finite], atol=1e-4, rtol=1e-4)
     assert (torch.isfinite(scores.t2i).sum(dim=1) == k).all()
+
+
+def test_each_image_projected_once_per_pass(model, records, monkeypatch):
+    """Cross-attention K/V: once per image for ITC and once per image for the whole ITM re-ranking."""
+    projected = []
+    original = model.qformer.image_kv
+    monkeypatch.setattr(model.qformer, "image_kv", lambda embeds: projected.append(len(embeds)) or original(embeds))
+    retrieval_scores(model, records, k=50, batch_size=4, progress=False)
+    assert sum(projected) == 2 * 6
 
 
 def test_report_is_well_formed_and_json(model, records, tmp_path):

@@ -113,3 +113,44 @@ class FrozenVisionEncoder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         return out.hidden_states[self.index]
+
+
+# Checkpoints that hold a vision tower next to other parts: which class reads the vision part.
+_TOWER_CLASSES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+
+
+def load_vision_model(source, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The vision model of a local folder or hub id: a standalone vision model (`CLIPVisionModel`, `ViTModel`,
+    ...), the vision tower of a CLIP/SigLIP dual encoder, or the EVA ViT of a transformers BLIP-2 checkpoint."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from vlbridge.interop.hf import resolve
+
+    path = resolve(source)
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type")
+    dtype = dtype or torch.float32
+    if model_type in VISION_FAMILIES:
+        return getattr(transformers, VISION_FAMILIES[model_type].model_class).from_pretrained(path, dtype=dtype)
+    if model_type in _TOWER_CLASSES:
+        return getattr(transformers, _TOWER_CLASSES[model_type]).from_pretrained(path, dtype=dtype)
+    if model_type in ("blip-2", "instructblip"):
+        family = VISION_FAMILIES["blip_2_vision_model" if model_type == "blip-2" else "instructblip_vision_model"]
+        model = build_vision_model({**config["vision_config"], "model_type": _type_of(family)})
+        state = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            for key, value in load_file(str(shard)).items():
+                if key.startswith("vision_model."):
+                    state[key[len("vision_model.") :]] = value
+        model.load_state_dict(state)
+        return model.to(dtype)
+    raise ValueError(
+        f"{source}: no vision model found (model_type {model_type!r}); supported: "
+        f"{', '.join([*VISION_FAMILIES, *_TOWER_CLASSES, 'blip-2', 'instructblip'])}"
+    )
+
+
+def _type_of(family: VisionFamily) -> str:
+    return next(k for k, v in VISION_FAMILIES.items() if v is family)

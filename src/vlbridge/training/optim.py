@@ -1,0 +1,41 @@
+"""AdamW with the BLIP-2 recipe: no weight decay on norms, biases, the temperature and the query tokens;
+a per-step cosine schedule with linear warmup."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vlbridge.training.recipe import OptimConfig
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm weights, biases and the temperature are 0/1-dimensional; the queries are named."""
+    return param.ndim < 2 or name.endswith("query_tokens")
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    decay, plain = [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (plain if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
+    """Learning rate after `step` optimiser steps: linear warmup, then cosine from lr to min_lr at `total`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

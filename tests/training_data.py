@@ -1,0 +1,76 @@
+"""A small synthetic image-text set for training tests: a coloured square on a coloured background."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import transformers
+from factory import minilm_path
+from PIL import Image
+
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (240, 230, 40),
+    "white": (245, 245, 245), "black": (15, 15, 15), "purple": (140, 40, 190), "orange": (250, 140, 20),
+}
+
+
+def write_images(root: Path, n: int, *, seed: int, name: str = "train", corrupt: int = 0) -> Path:
+    """`n` images (16x16) + a JSONL manifest; `corrupt` extra records point at broken files."""
+    rng = random.Random(seed)
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    lines = []
+    for i in range(n):
+        fg, bg = rng.sample(names, 2)
+        img = Image.new("RGB", (16, 16), tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[bg]))
+        x, y = rng.randint(0, 8), rng.randint(0, 8)
+        img.paste(COLOURS[fg], (x, y, x + 8, y + 8))
+        img.save(folder / f"{i:04d}.png")
+        lines.append({"image": f"{name}/{i:04d}.png", "caption": f"a {fg} square on {bg}", "image_id": f"{name}-{i}"})
+    for j in range(corrupt):
+        (folder / f"bad{j}.png").write_bytes(b"\x89PNG not really")
+        lines.append({"image": f"{name}/bad{j}.png", "caption": "broken", "image_id": f"bad-{j}"})
+    manifest = root / f"{name}.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def write_vision_model(root: Path, *, width: int = 32, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        patch_size=4,
+    )
+    model = transformers.CLIPVisionModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(root / "vision")
+    return root / "vision"
+
+
+def stage1_config(root: Path, **overrides):
+    from vlbridge.config import from_dict
+    from vlbridge.training.recipe import TrainConfig
+
+    raw = {
+        "model": {
+            "vision": str(root / "vision"), "vision_layer": -1, "tokenizer": str(minilm_path()),
+            "qformer": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "dropout": 0.0,
+                        "attention_dropout": 0.0},
+            "num_query_tokens": 4, "cross_attention_frequency": 1, "embed_dim": 16,
+        },
+        "data": {"train": [str(root / "train.jsonl")], "batch_size": 8, "num_workers": 0, "augment": False,
+                 "max_text_length": 12},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10},
+        "run": {"output_dir": str(root / "run"), "max_steps": 20, "save_every": 10, "log_every": 1, "progress": False},
+    }
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    return from_dict(TrainConfig, raw)
