@@ -88,7 +88,10 @@ def stage1_losses(
     world = D.world_size()
     all_ids = D.gather_no_grad(ids)  # [G]
     sim = itc_similarity(D.gather_with_local_grad(image_feats), D.gather_with_local_grad(text_feats))  # [G, G]
-    loss_itc = itc_loss(sim, model.temp, all_ids, label_smoothing=label_smoothing)
+    # The loss is scaled by the world size below for the features' sake; the temperature is shared by every
+    # rank's copy of the loss, so its gradient is scaled back down.
+    temperature = _scale_grad(model.temp, 1 / world)
+    loss_itc = itc_loss(sim, temperature, all_ids, label_smoothing=label_smoothing)
 
     # ITM: positives, (negative image, text), (image, negative text) in one bidirectional pass of 3B pairs.
     neg_image, neg_text = sample_negatives(sim.detach(), all_ids, generator=generator)
@@ -124,9 +127,19 @@ def stage1_losses(
         query_kv=image_pass.query_kv,
         regime="causal",
     )
-    loss_itg = itg_loss(model.itg_head(decoded.hidden_states), dec_ids, attention_mask, label_smoothing=label_smoothing)
+    targets = attention_mask[:, 1:].sum().float()  # tokens predicted on this rank
+    per_rank = D.all_reduce_mean(targets)  # global count / world: every rank's loss is on the same scale
+    loss_itg = itg_loss(
+        model.itg_head(decoded.hidden_states), dec_ids, attention_mask, label_smoothing=label_smoothing,
+        num_tokens=per_rank,
+    )
 
     # Every rank computed the whole-batch ITC loss but back-propagates only its slice: scale by the world size
     # so that DDP's averaging sums the slices.
     total = world * loss_itc + loss_itm + loss_itg
     return Stage1Output(total, loss_itc.detach(), loss_itm.detach(), loss_itg.detach(), itm_acc)
+
+
+def _scale_grad(x: Tensor, scale: float) -> Tensor:
+    """Identity forward; the gradient is multiplied by `scale`."""
+    return x if scale == 1 else x * scale + x.detach() * (1 - scale)

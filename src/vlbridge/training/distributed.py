@@ -54,7 +54,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate `x` from every rank with gradient flowing back to every rank's slice."""
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed.nn.functional import all_gather  # differentiable: backward reduce-scatters
 
     return torch.cat(all_gather(x.contiguous()))
 
