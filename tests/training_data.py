@@ -8,12 +8,19 @@ from pathlib import Path
 
 import torch
 import transformers
-from factory import minilm_path
 from PIL import Image
 
+from factory import minilm_path
+
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (240, 230, 40),
-    "white": (245, 245, 245), "black": (15, 15, 15), "purple": (140, 40, 190), "orange": (250, 140, 20),
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 60, 230),
+    "yellow": (240, 230, 40),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "purple": (140, 40, 190),
+    "orange": (250, 140, 20),
 }
 
 
@@ -42,7 +49,11 @@ def write_images(root: Path, n: int, *, seed: int, name: str = "train", corrupt:
 def write_vision_model(root: Path, *, width: int = 32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = transformers.CLIPVisionConfig(
-        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
         patch_size=4,
     )
     model = transformers.CLIPVisionModel(cfg)
@@ -60,13 +71,28 @@ def stage1_config(root: Path, **overrides):
 
     raw = {
         "model": {
-            "vision": str(root / "vision"), "vision_layer": -1, "tokenizer": str(minilm_path()),
-            "qformer": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "dropout": 0.0,
-                        "attention_dropout": 0.0},
-            "num_query_tokens": 4, "cross_attention_frequency": 1, "embed_dim": 16,
+            "vision": str(root / "vision"),
+            "vision_layer": -1,
+            "tokenizer": str(minilm_path()),
+            "qformer": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 4,
+                "intermediate_size": 64,
+                "dropout": 0.0,
+                "attention_dropout": 0.0,
+            },
+            "num_query_tokens": 4,
+            "cross_attention_frequency": 1,
+            "embed_dim": 16,
         },
-        "data": {"train": [str(root / "train.jsonl")], "batch_size": 8, "num_workers": 0, "augment": False,
-                 "max_text_length": 12},
+        "data": {
+            "train": [str(root / "train.jsonl")],
+            "batch_size": 8,
+            "num_workers": 0,
+            "augment": False,
+            "max_text_length": 12,
+        },
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10},
         "run": {"output_dir": str(root / "run"), "max_steps": 20, "save_every": 10, "log_every": 1, "progress": False},
     }

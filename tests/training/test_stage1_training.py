@@ -6,8 +6,8 @@ import csv
 
 import pytest
 import torch
-from training_data import stage1_config, write_images, write_vision_model
 
+from training_data import stage1_config, write_images, write_vision_model
 from vlbridge.training.loop import train
 
 
@@ -21,10 +21,16 @@ def data(tmp_path_factory):
 
 
 def test_training_learns_retrieval(data, tmp_path):
-    cfg = stage1_config(data, **{
-        "run.max_steps": 200, "run.output_dir": str(tmp_path / "run"), "run.save_every": 1000,
-        "data.val": str(data / "val.jsonl"), "run.log_every": 20,
-    })
+    cfg = stage1_config(
+        data,
+        **{
+            "run.max_steps": 200,
+            "run.output_dir": str(tmp_path / "run"),
+            "run.save_every": 1000,
+            "data.val": str(data / "val.jsonl"),
+            "run.log_every": 20,
+        },
+    )
     summary = train(cfg)
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) - 1.0
@@ -40,8 +46,13 @@ class Interrupt(Exception):
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(data, tmp_path):
-    common = {"run.max_steps": 8, "run.save_every": 3, "run.log_every": 1, "data.augment": True,
-              "model.qformer": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}}
+    common = {
+        "run.max_steps": 8,
+        "run.save_every": 3,
+        "run.log_every": 1,
+        "data.augment": True,
+        "model.qformer": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
+    }
     full = stage1_config(data, **{**common, "run.output_dir": str(tmp_path / "full")})
     train(full)
 

@@ -221,9 +221,7 @@ def from_hf_model(hf: nn.Module) -> Blip2:
         if ours is not None:
             bridge[ours] = value.float()
     # transformers has no ITC temperature and no ITG head: those keep their initial values.
-    expected = {
-        n for n in model.state_dict() if not n.startswith(("vision.", "language_model.", "temp", "itg_head."))
-    }
+    expected = {n for n in model.state_dict() if not n.startswith(("vision.", "language_model.", "temp", "itg_head."))}
     missing = sorted(expected - bridge.keys())
     unexpected = sorted(bridge.keys() - expected)
     if missing or unexpected:

@@ -616,9 +616,7 @@ def load_lavis(
     if retrieval:
         bridge.update({ours: extras[theirs].float() for theirs, ours in itg_names.items() if theirs in extras})
     result = model.load_state_dict(bridge, strict=False)
-    missing = [
-        k for k in result.missing_keys if not k.startswith(("vision.", "language_model.", "temp", "itg_head."))
-    ]
+    missing = [k for k in result.missing_keys if not k.startswith(("vision.", "language_model.", "temp", "itg_head."))]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{path}: bridge weights do not fit: missing {missing[:6]}, unexpected {result.unexpected_keys[:6]}"

@@ -48,7 +48,9 @@ def build_model(cfg: ModelConfig) -> Blip2:
         bert_path = resolve(cfg.qformer_init)
         bert = transformers.BertModel.from_pretrained(bert_path, add_pooling_layer=False)
         qformer = qformer_from_bert(
-            bert, num_query_tokens=cfg.num_query_tokens, cross_attention_frequency=cfg.cross_attention_frequency,
+            bert,
+            num_query_tokens=cfg.num_query_tokens,
+            cross_attention_frequency=cfg.cross_attention_frequency,
             encoder_hidden_size=vision.width,
         )
         tokenizer_source = cfg.tokenizer or bert_path
@@ -61,12 +63,16 @@ def build_model(cfg: ModelConfig) -> Blip2:
     if qformer is None:
         fields = {"vocab_size": len(tokenizer), **cfg.qformer}
         qcfg = QFormerConfig(
-            num_query_tokens=cfg.num_query_tokens, cross_attention_frequency=cfg.cross_attention_frequency,
-            encoder_hidden_size=vision.width, **fields,
+            num_query_tokens=cfg.num_query_tokens,
+            cross_attention_frequency=cfg.cross_attention_frequency,
+            encoder_hidden_size=vision.width,
+            **fields,
         )
         qformer = QFormer(config=qcfg)
     if len(tokenizer) > qformer.config.vocab_size:
-        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the Q-Former vocabulary is {qformer.config.vocab_size}")
+        raise ConfigError(
+            f"tokenizer has {len(tokenizer)} tokens but the Q-Former vocabulary is {qformer.config.vocab_size}"
+        )
 
     lm = lm_tokenizer = None
     if cfg.language_model is not None:

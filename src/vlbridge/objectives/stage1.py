@@ -130,7 +130,10 @@ def stage1_losses(
     targets = attention_mask[:, 1:].sum().float()  # tokens predicted on this rank
     per_rank = D.all_reduce_mean(targets)  # global count / world: every rank's loss is on the same scale
     loss_itg = itg_loss(
-        model.itg_head(decoded.hidden_states), dec_ids, attention_mask, label_smoothing=label_smoothing,
+        model.itg_head(decoded.hidden_states),
+        dec_ids,
+        attention_mask,
+        label_smoothing=label_smoothing,
         num_tokens=per_rank,
     )
 

@@ -1,1 +1,29 @@
+"""Training: the stage-1 loop and the `vlbridge train` / `vlbridge eval` entry points."""
 
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """`vlbridge train CONFIG.yaml [key=value ...] [--resume]`."""
+    from vlbridge.config import load_yaml
+    from vlbridge.training.loop import train
+    from vlbridge.training.recipe import TrainConfig
+
+    cfg = load_yaml(TrainConfig, args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({k: summary[k] for k in ("steps", "final", "output_dir", "model", "eval") if k in summary}))
+    return 0
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """`vlbridge eval CONFIG.yaml [key=value ...]`."""
+    from vlbridge.config import load_yaml
+    from vlbridge.eval.run import EvalConfig, evaluate
+
+    cfg = load_yaml(EvalConfig, args.config, args.overrides)
+    report = evaluate(cfg)
+    print(json.dumps(report.get("metrics", report), default=str))
+    return 0

@@ -49,8 +49,13 @@ class Stage1Module(nn.Module):
             feats = self.model.vision(batch["pixel_values"].to(device))
         ids = D.id_codes(batch["image_id"]).to(device)
         return stage1_losses(
-            self.model, feats, batch["input_ids"].to(device), batch["attention_mask"].to(device), ids,
-            dec_token_id=self.dec_token_id, generator=generator,
+            self.model,
+            feats,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            ids,
+            dec_token_id=self.dec_token_id,
+            generator=generator,
         )
 
 
@@ -79,8 +84,13 @@ def make_dataset(cfg: TrainConfig, model: Blip2, records):
         from vlbridge.data.feature_cache import CachedCaptionDataset, FeatureCache
 
         cache = FeatureCache.get_or_build(
-            model.vision, [r.image for r in records], cfg.data.feature_cache, transform_config=image_config,
-            views=cfg.data.cache_views, train_augment=cfg.data.augment, seed=cfg.run.seed,
+            model.vision,
+            [r.image for r in records],
+            cfg.data.feature_cache,
+            transform_config=image_config,
+            views=cfg.data.cache_views,
+            train_augment=cfg.data.augment,
+            seed=cfg.run.seed,
             progress=cfg.run.progress and D.is_main(),
         )
         return CachedCaptionDataset(records, cache), "vision_feats"
@@ -133,7 +143,8 @@ def train(
     log = _Logger(out_dir, enabled=D.is_main(), resume=resume)
     autocast = (
         torch.autocast(device_type=torch.device(cfg.run.device).type, dtype=torch.bfloat16)
-        if cfg.run.precision == "bf16" else nullcontext()
+        if cfg.run.precision == "bf16"
+        else nullcontext()
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     progress = _progress(total, state["step"], cfg.run.progress and D.is_main())
@@ -146,7 +157,10 @@ def train(
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(state["epoch"])
         loader = DataLoader(
-            dataset, batch_size=B, sampler=sampler, num_workers=cfg.data.num_workers,
+            dataset,
+            batch_size=B,
+            sampler=sampler,
+            num_workers=cfg.data.num_workers,
             collate_fn=TokenizingCollate(tokenizer, cfg.data.max_text_length, feature_key),
             generator=torch.Generator().manual_seed(cfg.run.seed + state["epoch"]),  # never touch the global RNG
         )
@@ -158,7 +172,7 @@ def train(
             # Negatives: a generator keyed by (seed, step, micro-batch), identical on every rank and after a resume.
             generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + state["step"] * 131 + micro)
             sync = micro + 1 == accumulate
-            with (nullcontext() if sync or world == 1 else step_module.no_sync()), autocast:
+            with nullcontext() if sync or world == 1 else step_module.no_sync(), autocast:
                 out = step_module(batch, generator)
             (out.loss / accumulate).backward()
             micro = 0 if sync else micro + 1
@@ -177,7 +191,9 @@ def train(
             progress.update(1)
             progress.set_postfix(loss=f"{last['loss']:.3f}", itm=f"{last['itm_acc']:.2f}")
             if D.is_main() and (state["step"] % cfg.run.save_every == 0 or state["step"] == total):
-                save_checkpoint(out_dir, model=model, optimizer=optimizer, state=_state_for_save(state, micro_per_epoch, cfg))
+                save_checkpoint(
+                    out_dir, model=model, optimizer=optimizer, state=_state_for_save(state, micro_per_epoch, cfg)
+                )
             if on_step is not None:
                 on_step(state["step"], last)
             if state["step"] >= total:
@@ -190,8 +206,11 @@ def train(
     progress.close()
     log.close()
     summary: dict[str, Any] = {
-        "steps": state["step"], "final": last, "seconds": time.perf_counter() - started,
-        "skipped": skipped.to_dict(), "output_dir": str(out_dir),
+        "steps": state["step"],
+        "final": last,
+        "seconds": time.perf_counter() - started,
+        "skipped": skipped.to_dict(),
+        "output_dir": str(out_dir),
     }
     if D.is_main():
         model.eval()
@@ -201,8 +220,9 @@ def train(
             from vlbridge.data.datasets import read_caption_manifest
             from vlbridge.inference.retrieval import evaluate_retrieval, write_report
 
-            result = evaluate_retrieval(model, read_caption_manifest(cfg.data.val), k=cfg.run.eval_k,
-                                        progress=cfg.run.progress)
+            result = evaluate_retrieval(
+                model, read_caption_manifest(cfg.data.val), k=cfg.run.eval_k, progress=cfg.run.progress
+            )
             write_report(result, out_dir / "eval.json")
             summary["eval"] = result.get("metrics", result)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
