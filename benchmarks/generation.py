@@ -55,7 +55,7 @@ class Sizes:
     llm_heads: int = 12
     llm_ffn: int = 3072
     vocab: int = 50272  # LLM embedding rows (OPT pads its 50265-token vocabulary to 50272)
-    std: float = 0.03  # spread of the re-drawn weights
+    std: float = 0.05  # spread of the re-drawn weights (smaller ones make random LLMs repeat one token)
 
 
 QUICK = Sizes(

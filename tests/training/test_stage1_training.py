@@ -11,6 +11,11 @@ from training_data import stage1_config, write_images, write_vision_model
 from vlbridge.training.loop import train
 
 
+def read_log(run):
+    with open(run / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage1")
@@ -32,7 +37,7 @@ def test_training_learns_retrieval(data, tmp_path):
         },
     )
     summary = train(cfg)
-    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    rows = read_log(tmp_path / "run")
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) - 1.0
     metrics = summary["eval"]["itc"]
     chance = 1 / 24
@@ -64,8 +69,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(data, tmp_path):
     with pytest.raises(Interrupt):
         train(cut, on_step=crash)
     train(cut, resume=True)
-    a = list(csv.DictReader(open(tmp_path / "full" / "log.csv")))
-    b = list(csv.DictReader(open(tmp_path / "cut" / "log.csv")))
+    a = read_log(tmp_path / "full")
+    b = read_log(tmp_path / "cut")
     by_step = {row["step"]: row for row in b}  # steps 4-5 were logged twice: the resumed values win
     for row in a:
         assert by_step[row["step"]] == row
@@ -87,3 +92,19 @@ def test_corrupt_images_are_skipped_and_reported(data, tmp_path):
     report = summary["skipped"]
     bad = {entry[0].split("/")[-1] for entry in report["entries"]}
     assert report["skipped"] == 2 and bad == {"bad0.png", "bad1.png"}
+
+
+def test_training_from_the_feature_cache_matches_on_the_fly(data, tmp_path):
+    common = {"run.max_steps": 3, "run.log_every": 1}
+    direct = stage1_config(data, **{**common, "run.output_dir": str(tmp_path / "direct")})
+    cached = stage1_config(
+        data, **{**common, "run.output_dir": str(tmp_path / "cached"), "data.feature_cache": str(tmp_path / "cache")}
+    )
+    train(direct)
+    train(cached)
+    a, b = read_log(tmp_path / "direct"), read_log(tmp_path / "cached")
+    for row_a, row_b in zip(a, b):  # fp16 storage: equal up to rounding
+        assert float(row_a["loss"]) == pytest.approx(float(row_b["loss"]), abs=2e-2)
+    assert any((tmp_path / "cache").iterdir())
+    train(cached)  # a second run reuses the cache instead of encoding again
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 1

@@ -40,6 +40,11 @@ def init_from_env() -> bool:
     return True
 
 
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
 def gather_with_local_grad(x: Tensor) -> Tensor:
     """Concatenate `x` [B, ...] from every rank; gradient flows only into this rank's own slice."""
     if not is_distributed():

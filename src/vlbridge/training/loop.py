@@ -83,17 +83,20 @@ def make_dataset(cfg: TrainConfig, model: Blip2, records):
     if cfg.data.feature_cache is not None:
         from vlbridge.data.feature_cache import CachedCaptionDataset, FeatureCache
 
-        cache = FeatureCache.get_or_build(
-            model.vision,
-            [r.image for r in records],
-            cfg.data.feature_cache,
-            transform_config=image_config,
-            views=cfg.data.cache_views,
-            train_augment=cfg.data.augment,
-            seed=cfg.run.seed,
-            progress=cfg.run.progress and D.is_main(),
+        build = dict(
+            transform_config=image_config, views=cfg.data.cache_views if cfg.data.augment else 1,
+            train_augment=cfg.data.augment, seed=cfg.run.seed,
+            train_transform_kwargs={"hflip": cfg.data.hflip} if cfg.data.augment else None,
         )
-        return CachedCaptionDataset(records, cache), "vision_feats"
+        images = [r.image for r in records]
+        if D.is_main():  # one rank encodes; the others wait, then open the finished cache
+            cache = FeatureCache.get_or_build(
+                model.vision, images, cfg.data.feature_cache, progress=cfg.run.progress, **build
+            )
+        D.barrier()
+        if not D.is_main():
+            cache = FeatureCache.get_or_build(model.vision, images, cfg.data.feature_cache, progress=False, **build)
+        return CachedCaptionDataset(records, cache, seed=cfg.run.seed), "vision_feats"
     if cfg.data.augment:
         transform = TrainTransform(image_config, hflip=cfg.data.hflip)
     else:

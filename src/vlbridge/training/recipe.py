@@ -21,7 +21,7 @@ class DataConfig:
     augment: bool = True  # RandomResizedCrop(0.5-1) + flip
     hflip: float = 0.5  # set 0 when captions mention left/right
     feature_cache: str | None = None  # folder: cache the frozen encoder's output (once per image and view)
-    cache_views: int = 1  # augmented views cached per image (with augment); view = epoch % cache_views
+    cache_views: int = 1  # augmented views cached per image (with augment); epochs cycle through them
 
 
 @dataclass
