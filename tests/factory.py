@@ -49,6 +49,7 @@ WORDS = [
     "purple",
     "orange",
     "white",
+    "black",
     "pink",
     "circle",
     "square",

@@ -100,3 +100,112 @@ def stage1_config(root: Path, **overrides):
         section, name = key.split(".")
         raw[section][name] = value
     return from_dict(TrainConfig, raw)
+
+
+def write_blip2_vision_model(root: Path, *, width: int = 32, seed: int = 0) -> Path:
+    """BLIP-2's own (EVA-style) vision model, so a trained model can be exported to transformers."""
+    torch.manual_seed(seed)
+    cfg = transformers.Blip2VisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+    )
+    model = transformers.Blip2VisionModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(root / "vision_blip2")
+    return root / "vision_blip2"
+
+
+def write_caption_lm(root: Path, *, steps: int = 600, seed: int = 0) -> Path:
+    """A tiny OPT that never sees an image: the frozen LLM of stage 2.
+
+    It learns "fg bg </s> a fg square on bg </s>": two context words before the start token that the caption
+    copies. A stage-2 bridge with two queries must learn to play those two words from the image — the
+    copy-from-context ability a real LLM brings from pretraining, in miniature.
+    """
+    from factory import llm_tokenizer
+
+    torch.manual_seed(seed)
+    tok = llm_tokenizer(kind="opt")
+    tok.add_tokens(["<image>"], special_tokens=True)
+    cfg = transformers.OPTConfig(
+        vocab_size=len(tok) + 3,
+        hidden_size=48,
+        ffn_dim=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=48,
+        max_position_embeddings=64,
+        bos_token_id=2,
+        pad_token_id=1,
+        eos_token_id=2,
+        dropout=0.0,
+    )
+    lm = transformers.OPTForCausalLM(cfg)
+    pairs = [(fg, bg) for fg in COLOURS for bg in COLOURS if fg != bg]
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    for _ in range(steps):
+        texts = [f"{fg} {bg} </s> a {fg} square on {bg} </s>" for fg, bg in rng.sample(pairs, 32)]
+        enc = tok(texts, add_special_tokens=False, return_tensors="pt")
+        loss = lm(**enc, labels=enc.input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    lm.generation_config.eos_token_id = 2
+    lm.generation_config.pad_token_id = 1
+    lm.generation_config.bos_token_id = 2
+    lm.save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    return root / "lm"
+
+
+def stage2_config(root: Path, **overrides):
+    from vlbridge.config import from_dict
+    from vlbridge.training.recipe import TrainConfig
+
+    raw = {
+        "stage": "stage2",
+        "model": {
+            "vision": str(root / "vision_blip2"),
+            "vision_layer": -1,
+            "tokenizer": str(minilm_path()),
+            "qformer": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 4,
+                "intermediate_size": 64,
+                "dropout": 0.0,
+                "attention_dropout": 0.0,
+            },
+            "num_query_tokens": 2,
+            "cross_attention_frequency": 1,
+            "embed_dim": None,
+            "language_model": str(root / "lm"),
+        },
+        "data": {
+            "train": [str(root / "train.jsonl")],
+            "batch_size": 8,
+            "num_workers": 0,
+            "augment": False,
+            "max_text_length": 12,
+        },
+        "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 10},
+        "run": {
+            "output_dir": str(root / "run2"),
+            "max_steps": 20,
+            "save_every": 1000,
+            "log_every": 10,
+            "progress": False,
+        },
+    }
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    return from_dict(TrainConfig, raw)

@@ -84,6 +84,8 @@ def ours_to_hf(key: str, architecture: str) -> str | None:
     m = re.match(r"^qformer\.layers\.(\d+)\.(.*)$", key)
     if m:
         index, rest = m.groups()
+        if rest.startswith("text_ffn.") and architecture == "Blip2ForConditionalGeneration":
+            return None  # generation checkpoints carry no text side (use_qformer_text_input=False)
         for theirs, ours in sorted(_LAYER_NAMES.items(), key=lambda kv: -len(kv[1])):  # longest prefix first
             if rest.startswith(ours):
                 return f"qformer.encoder.layer.{index}.{theirs}{rest[len(ours) :]}"
@@ -289,7 +291,14 @@ def _hf_config(model: Blip2, arch: str, image_token_index: int | None):
         encoder_hidden_size=q.encoder_hidden_size,
     )
     vision_config = dict(model.vision.model.config.to_dict())
-    vision_config["layer_norm_eps"] = model.ln_vision.eps
+    if abs(vision_config.get("layer_norm_eps", 1e-6) - model.ln_vision.eps) > 1e-12:
+        import warnings
+
+        warnings.warn(  # LAVIS checkpoints: ln_vision eps 1e-5, EVA blocks 1e-6; transformers has one field
+            f"transformers stores one LayerNorm eps for the whole vision model: ln_vision's {model.ln_vision.eps} "
+            f"becomes {vision_config.get('layer_norm_eps')} in the saved checkpoint (outputs differ very slightly)",
+            stacklevel=3,
+        )
     if arch == "InstructBlipForConditionalGeneration":
         return transformers.InstructBlipConfig(
             vision_config=vision_config,

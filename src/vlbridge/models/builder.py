@@ -25,9 +25,11 @@ class ModelConfig:
     qformer: dict[str, Any] = field(default_factory=dict)  # QFormerConfig fields for a from-scratch Q-Former
     num_query_tokens: int = 32
     cross_attention_frequency: int = 2
-    embed_dim: int = 256
+    embed_dim: int | None = 256  # ITC/ITM/ITG heads (stage 1); None for stage 2
     language_model: str | None = None  # stage 2: a causal LM or T5 (frozen)
     init_from: str | None = None  # start from a vlbridge checkpoint (e.g. the stage-1 result)
+    instruct: bool = False  # InstructBLIP: prompts also go into the Q-Former
+    caption_prompt: str = ""  # stage 2: prompt for caption data (e.g. "a photo of")
     dtype: str = "float32"  # dtype of the frozen encoder / LLM
 
 
@@ -86,10 +88,15 @@ def build_model(cfg: ModelConfig) -> Blip2:
         qformer=qformer.config,
         vision=_vision_config(vision),
         vision_layer=cfg.vision_layer,
-        vision_norm_eps=1e-5,
+        # BLIP-2's own EVA ViT keeps ln_vision as its post_layernorm (same eps); other encoders get nn.LayerNorm's.
+        vision_norm_eps=getattr(vision.model.config, "layer_norm_eps", 1e-5) if vision.family.replaced_norm else 1e-5,
         language=None if lm is None else lm.config.to_dict(),
         embed_dim=cfg.embed_dim,
-        prompts=PromptStyle(vqa_template="Question: {} Short answer:" if t5 else "Question: {} Answer:"),
+        prompts=PromptStyle(
+            vqa_template="Question: {} Short answer:" if t5 else "Question: {} Answer:",
+            instruct=cfg.instruct,
+            caption_prompt=cfg.caption_prompt,
+        ),
     )
     model = Blip2(config=config, vision=vision, language_model=lm)
     model.qformer.load_state_dict(qformer.state_dict())

@@ -66,50 +66,97 @@ def read_records(cfg: TrainConfig, sources: list[str]):
     for source in sources:
         if cfg.data.format == "jsonl":
             records.extend(read_caption_manifest(source))
-        elif cfg.data.format == "coco":
+        else:
             if cfg.data.image_root is None:
                 raise ConfigError("data.image_root is required for COCO-format data")
             records.extend(read_coco_karpathy(source, cfg.data.image_root, cfg.data.coco_split))
-        else:
-            raise ConfigError("webdataset shards stream without an epoch length: use data.format=jsonl or coco")
     return records
 
 
-def make_dataset(cfg: TrainConfig, model: Blip2, records):
-    from vlbridge.data.datasets import CaptionDataset
+def _transform(cfg: TrainConfig, model: Blip2):
     from vlbridge.data.transforms import EvalTransform, TrainTransform
 
     image_config = model.image_processor.config
-    if cfg.data.feature_cache is not None:
-        from vlbridge.data.feature_cache import CachedCaptionDataset, FeatureCache
+    return TrainTransform(image_config, hflip=cfg.data.hflip) if cfg.data.augment else EvalTransform(image_config)
 
-        build = dict(
-            transform_config=image_config, views=cfg.data.cache_views if cfg.data.augment else 1,
-            train_augment=cfg.data.augment, seed=cfg.run.seed,
-            train_transform_kwargs={"hflip": cfg.data.hflip} if cfg.data.augment else None,
+
+def _feature_cache(cfg: TrainConfig, model: Blip2, images: list):
+    from vlbridge.data.feature_cache import FeatureCache
+
+    build = dict(
+        transform_config=model.image_processor.config,
+        views=cfg.data.cache_views if cfg.data.augment else 1,
+        train_augment=cfg.data.augment,
+        seed=cfg.run.seed,
+        train_transform_kwargs={"hflip": cfg.data.hflip} if cfg.data.augment else None,
+    )
+    cache = None
+    if D.is_main():  # one rank encodes; the others wait, then open the finished cache
+        cache = FeatureCache.get_or_build(
+            model.vision, images, cfg.data.feature_cache, progress=cfg.run.progress, **build
         )
-        images = [r.image for r in records]
-        if D.is_main():  # one rank encodes; the others wait, then open the finished cache
-            cache = FeatureCache.get_or_build(
-                model.vision, images, cfg.data.feature_cache, progress=cfg.run.progress, **build
-            )
-        D.barrier()
-        if not D.is_main():
-            cache = FeatureCache.get_or_build(model.vision, images, cfg.data.feature_cache, progress=False, **build)
-        return CachedCaptionDataset(records, cache, seed=cfg.run.seed), "vision_feats"
-    if cfg.data.augment:
-        transform = TrainTransform(image_config, hflip=cfg.data.hflip)
+    D.barrier()
+    if cache is None:
+        cache = FeatureCache.get_or_build(model.vision, images, cfg.data.feature_cache, progress=False, **build)
+    return cache
+
+
+def stage1_data(cfg: TrainConfig, model: Blip2):
+    """(dataset, collate, module) for stage 1."""
+    from vlbridge.data.datasets import CaptionDataset
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give at least one caption manifest")
+    if cfg.model.embed_dim is None:
+        raise ConfigError("stage 1 needs model.embed_dim (the ITC/ITM/ITG heads)")
+    records = read_records(cfg, cfg.data.train)
+    if cfg.data.feature_cache is not None:
+        from vlbridge.data.feature_cache import CachedCaptionDataset
+
+        cache = _feature_cache(cfg, model, [r.image for r in records])
+        dataset, key = CachedCaptionDataset(records, cache, seed=cfg.run.seed), "vision_feats"
     else:
-        transform = EvalTransform(image_config)
-    return CaptionDataset(records, transform, seed=cfg.run.seed), "pixel_values"
+        dataset, key = CaptionDataset(records, _transform(cfg, model), seed=cfg.run.seed), "pixel_values"
+    tokenizer = model.qformer_tokenizer
+    module = Stage1Module(model, dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"))
+    return dataset, TokenizingCollate(tokenizer, cfg.data.max_text_length, key), module
+
+
+def stage2_data(cfg: TrainConfig, model: Blip2):
+    """(dataset, collate, module) for stage 2 / instruction tuning."""
+    from vlbridge.training.stage2 import (
+        PromptCollate,
+        PromptedDataset,
+        PromptRecord,
+        Stage2Module,
+        chat_records,
+        vqa_records,
+    )
+
+    if model.language_model is None:
+        raise ConfigError("stage 2 needs model.language_model")
+    records = [PromptRecord(r.image, r.image_id, (r.caption,)) for r in read_records(cfg, cfg.data.train)]
+    for path in cfg.data.vqa:
+        records.extend(vqa_records(path))
+    for path in cfg.data.chat:
+        records.extend(chat_records(path))
+    if not records:
+        raise ConfigError("no training data: set data.train, data.vqa or data.chat")
+    if cfg.data.feature_cache is not None:
+        cache = _feature_cache(cfg, model, sorted({str(r.image) for r in records}))
+        dataset, key = PromptedDataset(records, cache=cache, seed=cfg.run.seed), "vision_feats"
+    else:
+        dataset, key = PromptedDataset(records, transform=_transform(cfg, model), seed=cfg.run.seed), "pixel_values"
+    return dataset, PromptCollate(model, max_text_length=cfg.data.max_text_length, feature_key=key), Stage2Module(model)
+
+
+STAGES = {"stage1": stage1_data, "stage2": stage2_data}
 
 
 def train(
     cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None
 ) -> dict[str, Any]:
     """Run stage-1 training as configured; returns a summary (final losses, paths, evaluation)."""
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: give at least one manifest")
     D.init_from_env()
     rank, world = D.rank(), D.world_size()
     torch.manual_seed(cfg.run.seed)
@@ -117,9 +164,7 @@ def train(
     model = build_model(cfg.model).to(cfg.run.device)
     model.train()
     model.qformer.gradient_checkpointing = cfg.run.gradient_checkpointing
-    tokenizer = model.qformer_tokenizer
-    records = read_records(cfg, cfg.data.train)
-    dataset, feature_key = make_dataset(cfg, model, records)
+    dataset, collate, module = STAGES[cfg.stage](cfg, model)
     B, accumulate = cfg.data.batch_size, cfg.optim.accumulate
     sampler = EpochSampler(len(dataset), batch_size=B, seed=cfg.run.seed, rank=rank, world=world)
     micro_per_epoch = sampler.batches_per_epoch()
@@ -128,10 +173,9 @@ def train(
     steps_per_epoch = micro_per_epoch // accumulate
     total = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
 
-    module = Stage1Module(model, dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"))
     step_module = module
-    if world > 1:
-        step_module = nn.parallel.DistributedDataParallel(module)
+    if world > 1:  # stage 2 leaves the Q-Former's text side unused unless instruction-aware
+        step_module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=cfg.stage != "stage1")
     optimizer = make_optimizer(model, cfg.optim)
     state = {"step": 0, "epoch": 0, "batch": 0}
     if resume:
@@ -164,7 +208,7 @@ def train(
             batch_size=B,
             sampler=sampler,
             num_workers=cfg.data.num_workers,
-            collate_fn=TokenizingCollate(tokenizer, cfg.data.max_text_length, feature_key),
+            collate_fn=collate,
             generator=torch.Generator().manual_seed(cfg.run.seed + state["epoch"]),  # never touch the global RNG
         )
         for batch in loader:
@@ -188,11 +232,13 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            last = {**out.logs(), "lr": lr, "temp": float(model.temp.detach())}
+            last = {**out.logs(), "lr": lr}
+            if cfg.stage == "stage1":
+                last["temp"] = float(model.temp.detach())
             if state["step"] % cfg.run.log_every == 0 or state["step"] == total:
                 log.write(state["step"], state["epoch"], last)
             progress.update(1)
-            progress.set_postfix(loss=f"{last['loss']:.3f}", itm=f"{last['itm_acc']:.2f}")
+            progress.set_postfix(loss=f"{last['loss']:.3f}")
             if D.is_main() and (state["step"] % cfg.run.save_every == 0 or state["step"] == total):
                 save_checkpoint(
                     out_dir, model=model, optimizer=optimizer, state=_state_for_save(state, micro_per_epoch, cfg)
@@ -219,7 +265,7 @@ def train(
         model.eval()
         model.save(out_dir / "model", format="native")
         summary["model"] = str(out_dir / "model")
-        if cfg.data.val:
+        if cfg.data.val and cfg.stage == "stage1":
             from vlbridge.data.datasets import read_caption_manifest
             from vlbridge.inference.retrieval import evaluate_retrieval, write_report
 
@@ -244,7 +290,7 @@ def _state_for_save(state: dict[str, int], micro_per_epoch: int, cfg: TrainConfi
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="stage 1", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", unit="step", dynamic_ncols=True)
 
 
 class _Logger:

@@ -10,8 +10,10 @@ from vlbridge.models.builder import ModelConfig
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # JSONL manifests, COCO Karpathy JSON, or .tar shards
-    format: Literal["jsonl", "coco", "webdataset"] = "jsonl"
+    train: list[str] = field(default_factory=list)  # caption data: JSONL manifests or COCO Karpathy JSON
+    vqa: list[str] = field(default_factory=list)  # stage 2: VQA manifests {"image", "question", "answers"}
+    chat: list[str] = field(default_factory=list)  # stage 2: {"image", "turns": [[question, answer], ...]}
+    format: Literal["jsonl", "coco"] = "jsonl"
     image_root: str | None = None  # COCO: folder the image paths are relative to
     coco_split: str = "train"
     val: str | None = None  # a caption manifest (JSONL) for retrieval evaluation at the end
@@ -52,7 +54,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["stage1"] = "stage1"
+    stage: Literal["stage1", "stage2"] = "stage1"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

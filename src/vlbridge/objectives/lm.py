@@ -1,0 +1,64 @@
+"""Stage 2 (and instruction tuning): language modelling through the projected query outputs.
+
+Decoder-only LLMs see `[soft prompt (Q), prompt tokens, target tokens + EOS, pad...]` and are scored on the
+target tokens only (-100 on the queries, the prompt and the padding). Encoder-decoder LLMs (T5) get the
+queries and the prompt (for captions: a random prefix of the caption, the paper's prefix-LM) in the encoder
+and the rest of the text as the decoder target. Logits are computed only where a target token is predicted.
+
+Shapes: B batch, Q queries, D LLM width, P sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlbridge.inference.tasks import assemble_prefix
+from vlbridge.models.blip2 import Blip2
+
+
+def split_prefix(caption: str, rng: random.Random) -> tuple[str, str]:
+    """Prefix-LM split of a caption at a random word: (encoder prefix, decoder target), target never empty."""
+    words = caption.split()
+    if len(words) <= 1:
+        return "", caption.strip()
+    k = rng.randrange(0, len(words))  # 0 .. n-1 words go to the encoder
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def decoder_lm_loss(
+    model: Blip2, soft: Tensor, prompts: list[list[int]], targets: list[list[int]], *, num_tokens: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Summed target-token cross-entropy / `num_tokens` (default: this batch's); returns (loss, token count)."""
+    lm = model.language_model
+    embeds, mask, _, ids = assemble_prefix(model, soft, [p + t for p, t in zip(prompts, targets)], left=False)
+    Q = soft.shape[1]
+    labels = torch.full_like(ids, -100)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        start = Q + len(p)
+        labels[i, start : start + len(t)] = ids[i, start : start + len(t)]
+    hidden = lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # [B, P, D]
+    predicts = labels[:, 1:] != -100  # position j predicts token j + 1
+    logits = lm.get_output_embeddings()(hidden[:, :-1][predicts]).float()  # [n_targets, V]
+    total = F.cross_entropy(logits, labels[:, 1:][predicts], reduction="sum")
+    count = predicts.sum()
+    return total / (count if num_tokens is None else num_tokens), count
+
+
+def encoder_decoder_lm_loss(
+    model: Blip2, soft: Tensor, prompts: list[list[int]], targets: list[list[int]], *, num_tokens: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """T5: queries + prompt in the encoder, targets (teacher-forced) in the decoder."""
+    lm = model.language_model
+    embeds, mask, _, _ = assemble_prefix(model, soft, prompts, left=False)
+    width = max(len(t) for t in targets)
+    labels = torch.full((len(targets), width), -100, dtype=torch.long, device=soft.device)
+    for i, t in enumerate(targets):
+        labels[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    logits = lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits.float()  # [B, T, V]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+    count = (labels != -100).sum()
+    return total / (count if num_tokens is None else num_tokens), count
