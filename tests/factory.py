@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 WORDS = [
@@ -50,6 +50,7 @@ WORDS = [
     "orange",
     "white",
     "black",
+    "background",
     "pink",
     "circle",
     "square",
@@ -90,6 +91,7 @@ def llm_tokenizer(*, kind: str = "opt") -> PreTrainedTokenizerFast:
     specials = ["<pad>", "</s>", "<unk>"] if kind == "t5" else ["<s>", "<pad>", "</s>", "<unk>"]
     vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if kind == "t5":
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])

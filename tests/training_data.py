@@ -24,6 +24,27 @@ COLOURS = {
 }
 
 
+def write_vqa(root: Path, name: str) -> Path:
+    """VQA records for the images of `name`.jsonl: the colour of the square and of the background."""
+    out = []
+    for line in (root / f"{name}.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        words = rec["caption"].split()
+        for part, answer in (("square", words[1]), ("background", words[-1])):
+            out.append(
+                {
+                    "image": rec["image"],
+                    "question": f"what colour is the {part}",
+                    "answers": [answer] * 10,
+                    "question_type": part,
+                    "image_id": rec["image_id"],
+                }
+            )
+    path = root / f"vqa_{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return path
+
+
 def write_images(root: Path, n: int, *, seed: int, name: str = "train", corrupt: int = 0) -> Path:
     """`n` images (16x16) + a JSONL manifest; `corrupt` extra records point at broken files."""
     rng = random.Random(seed)
@@ -152,9 +173,14 @@ def write_caption_lm(root: Path, *, steps: int = 600, seed: int = 0) -> Path:
     rng = random.Random(seed)
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
     for _ in range(steps):
-        texts = [f"{fg} {bg} </s> a {fg} square on {bg} </s>" for fg, bg in rng.sample(pairs, 32)]
-        enc = tok(texts, add_special_tokens=False, return_tensors="pt")
-        loss = lm(**enc, labels=enc.input_ids).loss
+        enc_texts = [f"{fg} {bg} </s> a {fg} square on {bg} </s>" for fg, bg in rng.sample(pairs, 32)]
+        enc = tok(enc_texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        embeds = lm.get_input_embeddings()(enc.input_ids)
+        # noisy context words: the copy must work from approximate embeddings, as a soft prompt gives them
+        noise = torch.zeros_like(embeds)
+        noise[:, :2] = torch.randn_like(embeds[:, :2]) * embeds[:, :2].detach().std()
+        loss = lm(inputs_embeds=embeds + noise, attention_mask=enc.attention_mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()

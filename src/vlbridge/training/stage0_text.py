@@ -1,0 +1,724 @@
+"""Stage 0, text side: the small *blind* causal language model that BLIP-2 keeps frozen in the embedded world.
+
+BLIP-2 bridges a frozen vision encoder to a frozen LLM. The embedded synthetic world has no pretrained LLM that
+speaks its language, so stage 0 trains one from scratch on the world's text alone — captions and
+``"Question: {q} Answer: {a}"`` strings from the train manifests — and then it is frozen like OPT in the paper.
+The LM never sees an image; :func:`blind_baseline` measures what it can do without one (answering from the
+question's wording alone, the same caption for every image), the floor that stages 1 and 2 must beat.
+
+What is written (``out_dir``)::
+
+    lm/                  an OPTForCausalLM + its tokenizer in transformers format
+                         (AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir / "lm"))
+    stage0_text.json     config, world fingerprint, val loss / perplexity, timings and the loss curve;
+                         written last, so its presence means the run is complete
+
+The tokenizer (``tokenizers`` BPE, lowercasing, whitespace pre-tokenizer, ``</w>`` end-of-word suffix) is
+trained until every word of the world is a single token, so a world sentence costs one token per word, while
+its alphabet (ASCII letters, digits, punctuation, each also as a whole word) keeps any lowercase ASCII text,
+such as the paper's "a photo of" prompt, free of ``<unk>``. Special tokens have fixed ids: ``<pad>`` 0,
+``</s>`` 1 (BOS and EOS, prepended by the post-processor as OPT's tokenizer does), ``<unk>`` 2, ``<image>`` 3
+(the placeholder transformers' BLIP-2 scatters the query outputs into; it is deliberately *not* exposed as a
+``tokenizer.image_token`` attribute, because ``Blip2Processor`` then expects an ``AddedToken`` and a reloaded
+tokenizer holds a ``str``; without it the processor finds ``<image>`` in the vocabulary and reuses id 3).
+The remaining ids are numbered deterministically (characters sorted, then merges in training order), so the
+same world and config always give the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from vlbridge.errors import ConfigError, InputError
+
+__all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "IMAGE_TOKEN",
+    "PAD_TOKEN",
+    "UNK_TOKEN",
+    "VQA_PROMPT",
+    "Stage0TextConfig",
+    "blind_baseline",
+    "build_tokenizer",
+    "load_world_texts",
+    "train_language_model",
+]
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN = "<pad>", "</s>", "</s>", "<unk>", "<image>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN)  # ids 0, 1, 2, 3
+VQA_PROMPT = "Question: {} Answer:"  # the decoder-LLM VQA template of BLIP-2; stage 2 uses the same
+_WORD_SUFFIX = "</w>"
+_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+_RESULT_NAME = "stage0_text.json"
+_LM_NAME = "lm"
+_FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Stage0TextConfig:
+    """The language model, its tokenizer and how it is trained.
+
+    Attributes:
+        seed: Seed for initialisation and data order.
+        hidden_size: Width of the OPT decoder (also its embedding size).
+        num_layers: Decoder layers.
+        num_heads: Attention heads.
+        ffn_dim: Width of each feed-forward block.
+        max_positions: ``max_position_embeddings``; longer sequences are cut (world text is at most ~40 tokens).
+        dropout: Dropout on residuals and attention probabilities during training.
+        steps: Optimiser steps.
+        batch_size: Sequences per step.
+        lr: Peak learning rate (after linear warmup).
+        min_lr: Learning rate at the end of the cosine.
+        warmup_steps: Linear warmup steps.
+        weight_decay: AdamW weight decay on matrices (not on norms, biases).
+        betas: AdamW betas.
+        grad_clip: Clip the gradient norm to this; None disables.
+        precision: ``"bf16"`` runs forward and backward under CPU/GPU bf16 autocast (weights and optimiser stay
+            fp32); ``"fp32"`` does not.
+        max_vocab_size: Upper bound on the BPE vocabulary (training stops earlier once every word is one token).
+        val_max_sequences: Cap on validation sequences (first ones, captions then questions); None uses all.
+        eval_batch_size: Batch size for validation.
+        log_every: Steps between loss-curve points.
+        device: Torch device to train on.
+    """
+
+    seed: int = 0
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    ffn_dim: int = 512
+    max_positions: int = 128
+    dropout: float = 0.0
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float | None = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    max_vocab_size: int = 2000
+    val_max_sequences: int | None = 2000
+    eval_batch_size: int = 256
+    log_every: int = 20
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # JSON / YAML give lists
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError if a field is out of range."""
+        positive = ("hidden_size", "num_layers", "num_heads", "ffn_dim", "steps", "batch_size", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"stage0_text.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"stage0_text.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.max_positions < 8:
+            raise ConfigError(f"stage0_text.max_positions must be >= 8, got {self.max_positions}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"stage0_text.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.min_lr <= self.lr:
+            raise ConfigError(f"stage0_text needs 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.warmup_steps < 0 or self.log_every < 1:
+            raise ConfigError("stage0_text.warmup_steps must be >= 0 and log_every >= 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"stage0_text.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.max_vocab_size < len(SPECIAL_TOKENS) + 2 * len(_ALPHABET):
+            raise ConfigError(f"stage0_text.max_vocab_size is too small to hold the alphabet: {self.max_vocab_size}")
+        if self.val_max_sequences is not None and self.val_max_sequences < 1:
+            raise ConfigError(f"stage0_text.val_max_sequences must be >= 1 or None, got {self.val_max_sequences}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# World text
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except OSError as error:
+        raise InputError(f"cannot read manifest {path}: {error}") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not valid JSONL: {error}") from None
+
+
+def _caption_texts(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Every caption of a manifest: the ``captions`` list where present (eval splits), else ``caption``."""
+    texts: list[str] = []
+    for record in records:
+        texts += record.get("captions") or [record["caption"]]
+    return texts
+
+
+def _vqa_texts(records: Sequence[dict[str, Any]]) -> list[str]:
+    """``"Question: {q} Answer: {a}"`` with the most common reference answer."""
+    texts = []
+    for record in records:
+        answers = record["answers"]
+        answer = max(dict.fromkeys(answers), key=answers.count)  # the majority answer, first on ties
+        texts.append(f"{VQA_PROMPT.format(record['question'])} {answer}")
+    return texts
+
+
+def load_world_texts(world_dir: str | os.PathLike, split: str = "train") -> dict[str, list[str]]:
+    """The text an LM learns from one split of a world, without any image.
+
+    Args:
+        world_dir: A folder written by :func:`vlbridge.data.world.generate_world`.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"compositional"``.
+
+    Returns:
+        ``{"captions": [...], "vqa": ["Question: ... Answer: ...", ...]}``.
+    """
+    world_dir = Path(world_dir)
+    return {
+        "captions": _caption_texts(_read_jsonl(world_dir / f"captions_{split}.jsonl")),
+        "vqa": _vqa_texts(_read_jsonl(world_dir / f"vqa_{split}.jsonl")),
+    }
+
+
+def _world_fingerprint(world_dir: Path) -> str:
+    """SHA-256 over the manifests stage 0 reads, so a changed world retrains the LM."""
+    digest = hashlib.sha256()
+    for name in ("captions_train.jsonl", "vqa_train.jsonl", "captions_val.jsonl", "vqa_val.jsonl"):
+        path = world_dir / name
+        digest.update(name.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_tokenizer(texts: Sequence[str], *, max_vocab_size: int = 2000, model_max_length: int = 128):
+    """Train the world tokenizer and wrap it for transformers.
+
+    Args:
+        texts: Training text (the tokenizer lowercases it).
+        max_vocab_size: Upper bound on the vocabulary, special tokens included.
+        model_max_length: Recorded as the tokenizer's ``model_max_length``.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` with ``<pad>`` 0, ``</s>`` 1 (BOS = EOS), ``<unk>`` 2,
+        ``<image>`` 3, prepending ``</s>`` when ``add_special_tokens`` is true.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def skeleton(model) -> Tokenizer:
+        tok = Tokenizer(model)
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.BPEDecoder(suffix=_WORD_SUFFIX)
+        return tok
+
+    # Every alphabet character also as a whole word, so that "x</w>" exists for each: any ASCII word then
+    # tokenizes without <unk>, whatever its last character.
+    coverage = " ".join(_ALPHABET)
+    trainer = trainers.BpeTrainer(
+        vocab_size=max_vocab_size,
+        min_frequency=0,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=list(_ALPHABET),
+        end_of_word_suffix=_WORD_SUFFIX,
+        show_progress=False,
+    )
+    trained = skeleton(models.BPE(unk_token=UNK_TOKEN, end_of_word_suffix=_WORD_SUFFIX))
+    trained.train_from_iterator([*texts, coverage], trainer)
+
+    # Renumber deterministically: the trainer numbers the alphabet in hash order, which changes between runs.
+    state = json.loads(trained.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    merged = [a + b for a, b in merges]
+    merged_set = set(merged)
+    singles = sorted(t for t in state["vocab"] if t not in merged_set and t not in SPECIAL_TOKENS)
+    ordered = [*SPECIAL_TOKENS, *singles, *dict.fromkeys(merged)]
+    vocab = {token: index for index, token in enumerate(ordered)}
+    tok = skeleton(models.BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN, end_of_word_suffix=_WORD_SUFFIX))
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    bos = vocab[BOS_TOKEN]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        extra_special_tokens=[IMAGE_TOKEN],
+        model_max_length=model_max_length,
+    )
+
+
+def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """``</s> text </s>`` ids, cut to ``max_length`` (keeping the final EOS)."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    return [row[: max_length - 1] + [eos] for row in ids]
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and the attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _build_model(config: Stage0TextConfig, tokenizer):
+    from transformers import GenerationConfig, OPTConfig, OPTForCausalLM
+
+    model_config = OPTConfig(
+        vocab_size=_round_up(len(tokenizer), 8),
+        hidden_size=config.hidden_size,
+        word_embed_proj_dim=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        ffn_dim=config.ffn_dim,
+        max_position_embeddings=config.max_positions,
+        dropout=config.dropout,
+        attention_dropout=config.dropout,
+        layerdrop=0.0,
+        do_layer_norm_before=True,
+        activation_function="relu",
+        init_std=0.02,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = OPTForCausalLM(model_config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=20,
+    )
+    return model
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _token_nll(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over the real tokens after the first, and their count."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return loss, (targets != -100).sum()
+
+
+@torch.no_grad()
+def _evaluate(model, rows: list[list[int]], pad_id: int, config: Stage0TextConfig, device: torch.device) -> float:
+    """Mean next-token NLL (nats) over ``rows``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: little padding
+    for start in range(0, len(order), config.eval_batch_size):
+        ids, mask = _pad([rows[i] for i in order[start : start + config.eval_batch_size]], pad_id)
+        with _autocast(device, config.precision):
+            loss, n = _token_nll(model, ids.to(device), mask.to(device))
+        total, count = total + float(loss), count + int(n)
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _lr_at(step: int, config: Stage0TextConfig) -> float:
+    """Linear warmup to ``lr``, then cosine to ``min_lr`` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model, config: Stage0TextConfig) -> torch.optim.AdamW:
+    decay, plain = [], []
+    for _, param in model.named_parameters():  # tied embeddings appear once
+        (decay if param.ndim >= 2 else plain).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _config_dict(config: Stage0TextConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(config)))
+
+
+def _cached(out_dir: Path, config: Stage0TextConfig, fingerprint: str) -> dict[str, Any] | None:
+    try:
+        result = json.loads((out_dir / _RESULT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    same = (
+        result.get("format_version") == _FORMAT_VERSION
+        and result.get("config") == _config_dict(config)
+        and result.get("world_sha256") == fingerprint
+        and (out_dir / _LM_NAME / "config.json").is_file()
+    )
+    return result if same else None
+
+
+@dataclass
+class _Progress:
+    enabled: bool
+    total: int
+    bar: Any = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc="stage 0: language model", unit="step", dynamic_ncols=True)
+
+    def update(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_language_model(
+    world_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    config: Stage0TextConfig | None = None,
+    progress: bool = True,
+    fresh: bool = False,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the world's tokenizer and blind causal LM, and save both in transformers format.
+
+    Training text: every train caption and every train question as ``"Question: {q} Answer: {a}"``, each as
+    ``</s> text </s>``; validation text: the same from the val split. The LM never sees an image.
+
+    Cached: when ``out_dir/stage0_text.json`` exists for the same config and the same world manifests (and the
+    model folder is there), it is returned without training, unless ``fresh``.
+
+    Args:
+        world_dir: A folder written by :func:`vlbridge.data.world.generate_world`.
+        out_dir: Where ``lm/`` and ``stage0_text.json`` go (created if missing).
+        config: Model and training settings; defaults to ``Stage0TextConfig()``.
+        progress: Show a progress bar.
+        fresh: Retrain even if a matching result exists.
+        on_log: Called with ``{"step", "loss", "lr"}`` every ``config.log_every`` steps.
+
+    Returns:
+        The contents of ``stage0_text.json``: ``config``, ``world_sha256``, ``lm_dir`` (absolute path),
+        ``vocab_size``, ``tokenizer_size``, ``image_token_id``, ``parameters``, ``train_sequences``,
+        ``final_train_loss``, ``val_loss`` / ``val_perplexity`` (all val text) and ``val_caption_perplexity`` /
+        ``val_vqa_perplexity``, ``loss_curve`` (list of ``{"step", "loss", "lr"}``), ``time_s`` (per phase and
+        total) and ``cached`` (True when nothing was trained).
+
+    Raises:
+        InputError: If the world folder lacks the train manifests or holds no text.
+    """
+    config = config or Stage0TextConfig()
+    config.validate()
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    for name in ("captions_train.jsonl", "vqa_train.jsonl"):
+        if not (world_dir / name).is_file():
+            raise InputError(f"{world_dir} is not a world folder: {name} is missing (see vlbridge.data.world)")
+    fingerprint = _world_fingerprint(world_dir)
+    if not fresh and (result := _cached(out_dir, config, fingerprint)) is not None:
+        return {**result, "lm_dir": str((out_dir / _LM_NAME).resolve()), "cached": True}
+
+    start = time.perf_counter()
+    train_text = load_world_texts(world_dir, "train")
+    train_texts = train_text["captions"] + train_text["vqa"]
+    if not train_texts:
+        raise InputError(f"{world_dir} holds no training text")
+    has_val = (world_dir / "captions_val.jsonl").is_file() and (world_dir / "vqa_val.jsonl").is_file()
+    val_text = load_world_texts(world_dir, "val") if has_val else {"captions": [], "vqa": []}
+
+    tokenizer = build_tokenizer(train_texts, max_vocab_size=config.max_vocab_size, model_max_length=config.max_positions)
+    train_rows = _encode(tokenizer, train_texts, config.max_positions)
+    val_rows = {key: _encode(tokenizer, texts, config.max_positions) if texts else [] for key, texts in val_text.items()}
+    if config.val_max_sequences is not None:  # keep both kinds in proportion
+        total_val = sum(len(rows) for rows in val_rows.values())
+        if total_val > config.val_max_sequences:
+            val_rows = {
+                key: rows[: max(1, round(config.val_max_sequences * len(rows) / total_val))]
+                for key, rows in val_rows.items()
+            }
+    tokenizer_time = time.perf_counter() - start
+
+    device = torch.device(config.device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        model = _build_model(config, tokenizer).to(device)
+        model.train()
+        optimizer = _optimizer(model, config)
+        generator = torch.Generator().manual_seed(config.seed)
+        pad_id = tokenizer.pad_token_id
+
+        curve: list[dict[str, float]] = []
+        bar = _Progress(progress, config.steps)
+        order = torch.randperm(len(train_rows), generator=generator).tolist()
+        cursor, window, last_loss = 0, [], float("nan")
+        train_start = time.perf_counter()
+        for step in range(config.steps):
+            if cursor + config.batch_size > len(order):  # a new epoch: reshuffle
+                order, cursor = torch.randperm(len(train_rows), generator=generator).tolist(), 0
+            batch = [train_rows[i] for i in order[cursor : cursor + config.batch_size]]
+            cursor += config.batch_size
+            ids, mask = _pad(batch, pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            lr = _lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(device, config.precision):
+                loss_sum, count = _token_nll(model, ids, mask)
+            loss = loss_sum / count
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+
+            last_loss = float(loss)
+            window.append(last_loss)
+            bar.update(last_loss)
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                point = {"step": step + 1, "loss": sum(window) / len(window), "lr": lr}
+                curve.append(point)
+                window = []
+                if on_log is not None:
+                    on_log(point)
+        bar.close()
+        train_time = time.perf_counter() - train_start
+
+        eval_start = time.perf_counter()
+        val = {key: _evaluate(model, rows, pad_id, config, device) if rows else None for key, rows in val_rows.items()}
+        all_rows = val_rows["captions"] + val_rows["vqa"]
+        val_loss = _evaluate(model, all_rows, pad_id, config, device) if all_rows else None
+        eval_time = time.perf_counter() - eval_start
+
+    model.eval()
+    lm_dir = out_dir / _LM_NAME
+    _save_atomically(lm_dir, lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))
+    result = {
+        "format_version": _FORMAT_VERSION,
+        "config": _config_dict(config),
+        "world_sha256": fingerprint,
+        "lm_dir": str(lm_dir.resolve()),
+        "model_type": model.config.model_type,
+        "vocab_size": model.config.vocab_size,
+        "tokenizer_size": len(tokenizer),
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_sequences": len(train_rows),
+        "sequences_seen": config.steps * config.batch_size,
+        "final_train_loss": curve[-1]["loss"] if curve else last_loss,
+        "val_sequences": len(all_rows),
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
+        "val_caption_perplexity": math.exp(val["captions"]) if val["captions"] is not None else None,
+        "val_vqa_perplexity": math.exp(val["vqa"]) if val["vqa"] is not None else None,
+        "loss_curve": curve,
+        "time_s": {
+            "tokenizer": tokenizer_time,
+            "train": train_time,
+            "eval": eval_time,
+            "total": time.perf_counter() - start,
+        },
+    }
+    _write_json_atomically(out_dir / _RESULT_NAME, result)
+    return {**result, "cached": False}
+
+
+def _save_atomically(folder: Path, write: Callable[[Path], object]) -> None:
+    """Write a folder beside ``folder`` and swap it in, so a crash never leaves half a model."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The blind baseline
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations of ``prompts`` (each gets ``</s>`` prepended), decoded without special tokens."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        rows = [encoded[i] for i in chunk]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, row in enumerate(rows):  # left padding, as decoder-only generation wants
+            ids[k, width - len(row) :] = torch.tensor(row)
+            mask[k, width - len(row) :] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )
+        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        for i, text in zip(chunk, texts):
+            out[i] = " ".join(text.split())
+    return out
+
+
+def blind_baseline(
+    lm_dir: str | os.PathLike,
+    vqa_manifest: str | os.PathLike,
+    captions_manifest: str | os.PathLike,
+    *,
+    batch_size: int = 256,
+    max_answer_tokens: int = 10,
+    max_caption_tokens: int = 20,
+    limit: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The LLM-only baseline: what the frozen LM says without seeing the image.
+
+    VQA: each question is answered greedily from ``"Question: {q} Answer:"`` alone. Captioning: one greedy
+    caption from ``</s>`` alone, which is therefore the same for every image. Later stages are compared against
+    these numbers: whatever they gain over them comes from the image.
+
+    Args:
+        lm_dir: A folder saved by :func:`train_language_model` (``out_dir/lm``), or any causal LM folder with a
+            tokenizer.
+        vqa_manifest: A VQA JSONL manifest (``question``, ``answers``, optional ``question_type`` / ``question_id``).
+        captions_manifest: A caption JSONL manifest; one prediction per distinct image.
+        batch_size: Prompts per ``generate`` call.
+        max_answer_tokens: New tokens per answer.
+        max_caption_tokens: New tokens for the caption.
+        limit: Use only the first ``limit`` questions and images.
+        device: Torch device.
+
+    Returns:
+        ``{"vqa": {"accuracy", "count", "per_type", "per_type_count", "predictions"}, "captions":
+        {"caption", "predictions", "count", "fact_f1"}, "time_s"}``. VQA accuracy is the official VQA metric
+        (:func:`vlbridge.eval.vqa.evaluate_vqa`) in [0, 1]; ``predictions`` are ``{"question_id", "question",
+        "answer"}`` / ``{"image_id", "image", "caption"}`` records; ``fact_f1`` is the mean
+        :func:`vlbridge.data.world.fact_accuracy` of the caption against each image's objects (None when the
+        manifest has no ``objects``).
+
+    Raises:
+        InputError: If a manifest is empty or unreadable.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlbridge.data.world import fact_accuracy
+    from vlbridge.eval.vqa import evaluate_vqa
+
+    start = time.perf_counter()
+    questions = _read_jsonl(Path(vqa_manifest))[:limit]
+    caption_records = list({r.get("image_id", r.get("image")): r for r in _read_jsonl(Path(captions_manifest))}.values())
+    caption_records = caption_records[:limit]
+    if not questions:
+        raise InputError(f"{vqa_manifest} holds no questions")
+    if not caption_records:
+        raise InputError(f"{captions_manifest} holds no captions")
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(lm_dir).to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    prompts = [VQA_PROMPT.format(r["question"]) for r in questions]
+    answers = _greedy(model, tokenizer, prompts, max_answer_tokens, batch_size)
+    types = [r.get("question_type", "all") for r in questions]
+    scores = evaluate_vqa(answers, [r["answers"] for r in questions], types)
+    vqa_predictions = [
+        {"question_id": r.get("question_id", str(i)), "question": r["question"], "answer": a}
+        for i, (r, a) in enumerate(zip(questions, answers))
+    ]
+
+    caption = _greedy(model, tokenizer, [""], max_caption_tokens, 1)[0]
+    caption_predictions = [{"image_id": r.get("image_id"), "image": r.get("image"), "caption": caption} for r in caption_records]
+    with_objects = [r for r in caption_records if "objects" in r]
+    fact_f1 = (
+        sum(fact_accuracy(caption, r["objects"]) for r in with_objects) / len(with_objects) if with_objects else None
+    )
+    return {
+        "vqa": {
+            "accuracy": scores["accuracy"],
+            "count": scores["count"],
+            "per_type": scores["per_type"],
+            "per_type_count": scores["per_type_count"],
+            "predictions": vqa_predictions,
+        },
+        "captions": {
+            "caption": caption,
+            "count": len(caption_predictions),
+            "fact_f1": fact_f1,
+            "predictions": caption_predictions,
+        },
+        "time_s": time.perf_counter() - start,
+    }
