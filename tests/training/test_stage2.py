@@ -170,3 +170,32 @@ def test_instruction_aware_queries_read_the_question(data, tmp_path):
             a = _soft_prompts(model, pixels, ["what colour is the square"])
             b = _soft_prompts(model, pixels, ["what colour is the background"])
         assert (not torch.allclose(a, b)) == instruct
+
+
+def test_t5_and_bf16_stage2_runs_learn(data, tmp_path):
+    """Prefix-LM stage 2 on a frozen T5, and a decoder LLM frozen in bf16 with bf16 autocast: both train."""
+    import csv
+
+    from factory import Sizes, _llm, llm_tokenizer
+
+    tok = llm_tokenizer(kind="t5")
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(**{**_llm("t5", Sizes(), len(tok) + 3)}))
+    t5.save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    runs = {
+        "t5": {"model.language_model": str(tmp_path / "t5")},
+        "bf16": {"model.dtype": "bfloat16", "run.precision": "bf16"},
+    }
+    for name, extra in runs.items():
+        cfg = stage2_config(
+            data, **{"run.max_steps": 40, "run.output_dir": str(tmp_path / name), "run.log_every": 5, "optim.lr": 2e-3}
+        )
+        for key, value in extra.items():
+            section, field = key.split(".")
+            setattr(getattr(cfg, section), field, value)
+        summary = train(cfg)
+        with open(tmp_path / name / "log.csv") as f:
+            losses = [float(r["lm_loss"]) for r in csv.DictReader(f)]
+        assert losses[-1] < losses[0], (name, losses)
+        model = vlbridge.load(summary["model"])
+        assert model.caption(read_caption_manifest(data / "val.jsonl")[0].image, max_new_tokens=4)
