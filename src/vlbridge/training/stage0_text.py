@@ -27,6 +27,7 @@ same world and config always give the same tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ import shutil
 import string
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -87,19 +88,30 @@ class Stage0TextConfig:
         dropout: Dropout on residuals and attention probabilities during training.
         steps: Optimiser steps.
         batch_size: Sequences per step.
+        caption_fraction: Share of each batch drawn from captions, the rest from VQA strings. Above ~0.6 the
+            most likely continuation of a bare ``</s>`` is a caption rather than ``"question"``, so the LM
+            describes when nothing asks it a question (the world has ~1.3 questions per caption).
         lr: Peak learning rate (after linear warmup).
         min_lr: Learning rate at the end of the cosine.
         warmup_steps: Linear warmup steps.
         weight_decay: AdamW weight decay on matrices (not on norms, biases).
         betas: AdamW betas.
         grad_clip: Clip the gradient norm to this; None disables.
+        position_shift_fraction: Share of training sequences that start at a random position rather than 0, so
+            that every position embedding is trained: after BLIP-2's soft prompt the text starts at position 32.
         precision: ``"bf16"`` runs forward and backward under CPU/GPU bf16 autocast (weights and optimiser stay
             fp32); ``"fp32"`` does not.
         max_vocab_size: Upper bound on the BPE vocabulary (training stops earlier once every word is one token).
-        val_max_sequences: Cap on validation sequences (first ones, captions then questions); None uses all.
+        val_max_sequences: Cap on validation sequences (the first of each kind, captions and questions in
+            proportion); None uses all.
         eval_batch_size: Batch size for validation.
+        val_shift: ``val_perplexity_shifted`` scores the val text starting at this position (where it starts after
+            a soft prompt of that many query tokens).
         log_every: Steps between loss-curve points.
         device: Torch device to train on.
+        num_threads: Torch CPU threads while training (restored afterwards); None leaves the setting alone. One is
+            the default because the model is tiny: a second thread buys little, and on a machine shared with other
+            work OpenMP's busy-waiting made 2 threads cost ~10x the CPU time of one. Not part of the cache key.
     """
 
     seed: int = 0
@@ -109,20 +121,24 @@ class Stage0TextConfig:
     ffn_dim: int = 512
     max_positions: int = 128
     dropout: float = 0.0
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 64
+    caption_fraction: float = 0.65
     lr: float = 3e-3
     min_lr: float = 1e-4
     warmup_steps: int = 30
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    position_shift_fraction: float = 0.5
+    precision: Literal["fp32", "bf16"] = "bf16"
     max_vocab_size: int = 2000
     val_max_sequences: int | None = 2000
     eval_batch_size: int = 256
+    val_shift: int = 32
     log_every: int = 20
     device: str = "cpu"
+    num_threads: int | None = 1
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON / YAML give lists
@@ -146,10 +162,20 @@ class Stage0TextConfig:
             raise ConfigError(f"stage0_text needs 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.warmup_steps < 0 or self.log_every < 1:
             raise ConfigError("stage0_text.warmup_steps must be >= 0 and log_every >= 1")
+        if not 0.0 <= self.position_shift_fraction <= 1.0:
+            raise ConfigError(
+                f"stage0_text.position_shift_fraction must be in [0, 1], got {self.position_shift_fraction}"
+            )
+        if not 0 <= self.val_shift < self.max_positions:
+            raise ConfigError(f"stage0_text.val_shift must be in [0, max_positions), got {self.val_shift}")
+        if not 0.0 <= self.caption_fraction <= 1.0:
+            raise ConfigError(f"stage0_text.caption_fraction must be in [0, 1], got {self.caption_fraction}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"stage0_text.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.max_vocab_size < len(SPECIAL_TOKENS) + 2 * len(_ALPHABET):
             raise ConfigError(f"stage0_text.max_vocab_size is too small to hold the alphabet: {self.max_vocab_size}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"stage0_text.num_threads must be >= 1 or None, got {self.num_threads}")
         if self.val_max_sequences is not None and self.val_max_sequences < 1:
             raise ConfigError(f"stage0_text.val_max_sequences must be >= 1 or None, got {self.val_max_sequences}")
 
@@ -232,6 +258,8 @@ def build_tokenizer(texts: Sequence[str], *, max_vocab_size: int = 2000, model_m
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from vlbridge.data.world import world_vocabulary
+
     def skeleton(model) -> Tokenizer:
         tok = Tokenizer(model)
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -240,8 +268,9 @@ def build_tokenizer(texts: Sequence[str], *, max_vocab_size: int = 2000, model_m
         return tok
 
     # Every alphabet character also as a whole word, so that "x</w>" exists for each: any ASCII word then
-    # tokenizes without <unk>, whatever its last character.
-    coverage = " ".join(_ALPHABET)
+    # tokenizes without <unk>, whatever its last character. Every world word too, so that each is one token even
+    # when this world's text does not use it (number words above max_objects, say).
+    coverage = " ".join([*_ALPHABET, *world_vocabulary()])
     trainer = trainers.BpeTrainer(
         vocab_size=max_vocab_size,
         min_frequency=0,
@@ -281,8 +310,8 @@ def build_tokenizer(texts: Sequence[str], *, max_vocab_size: int = 2000, model_m
 def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """``</s> text </s>`` ids, cut to ``max_length`` (keeping the final EOS)."""
     eos = tokenizer.eos_token_id
-    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    return [row[: max_length - 1] + [eos] for row in ids]
+    encodings = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=True)  # Rust, no wrapper
+    return [encoding.ids[: max_length - 1] + [eos] for encoding in encodings]
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,28 +371,46 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _token_nll(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _position_ids(mask: torch.Tensor, offsets: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """Positions ``offset, offset + 1, ...`` per row (padding clamped into range; it is masked anyway)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)[None, :] + offsets[:, None].to(mask.device)
+    return positions.clamp(max=max_positions - 1)
+
+
+def _token_nll(
+    model, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over the real tokens after the first, and their count."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1].float()
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
     return loss, (targets != -100).sum()
 
 
 @torch.no_grad()
-def _evaluate(model, rows: list[list[int]], pad_id: int, config: Stage0TextConfig, device: torch.device) -> float:
-    """Mean next-token NLL (nats) over ``rows``."""
+def _evaluate(
+    model, rows: list[list[int]], pad_id: int, config: Stage0TextConfig, device: torch.device, shift: int = 0
+) -> tuple[float, int]:
+    """Summed next-token NLL (nats) over ``rows`` and the number of tokens scored.
+
+    ``shift`` starts every row at that position (or as late as fits) instead of 0, as text after a soft prompt is.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: little padding
     for start in range(0, len(order), config.eval_batch_size):
-        ids, mask = _pad([rows[i] for i in order[start : start + config.eval_batch_size]], pad_id)
+        batch = [rows[i] for i in order[start : start + config.eval_batch_size]]
+        ids, mask = _pad(batch, pad_id)
+        positions = None
+        if shift:
+            offsets = torch.tensor([min(shift, config.max_positions - len(row)) for row in batch])
+            positions = _position_ids(mask, offsets, config.max_positions).to(device)
         with _autocast(device, config.precision):
-            loss, n = _token_nll(model, ids.to(device), mask.to(device))
+            loss, n = _token_nll(model, ids.to(device), mask.to(device), positions)
         total, count = total + float(loss), count + int(n)
     model.train(was_training)
-    return total / max(1, count)
+    return total, count
 
 
 def _lr_at(step: int, config: Stage0TextConfig) -> float:
@@ -386,8 +433,27 @@ def _optimizer(model, config: Stage0TextConfig) -> torch.optim.AdamW:
 # Training
 
 
+_NOT_CACHE_KEYS = ("num_threads",)  # fields that do not change what is trained
+
+
 def _config_dict(config: Stage0TextConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(config)))
+
+
+def _cache_key(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if key not in _NOT_CACHE_KEYS}
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch CPU threads, then restore the previous setting."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _cached(out_dir: Path, config: Stage0TextConfig, fingerprint: str) -> dict[str, Any] | None:
@@ -397,11 +463,30 @@ def _cached(out_dir: Path, config: Stage0TextConfig, fingerprint: str) -> dict[s
         return None
     same = (
         result.get("format_version") == _FORMAT_VERSION
-        and result.get("config") == _config_dict(config)
+        and _cache_key(result.get("config", {})) == _cache_key(_config_dict(config))
         and result.get("world_sha256") == fingerprint
         and (out_dir / _LM_NAME / "config.json").is_file()
     )
     return result if same else None
+
+
+class _Stream:
+    """Endless shuffled passes over one kind of training sequence."""
+
+    def __init__(self, rows: list[list[int]], generator: torch.Generator) -> None:
+        self.rows, self.generator = rows, generator
+        self.order: list[int] = []
+        self.cursor = 0
+
+    def take(self, n: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        while len(out) < n:
+            if self.cursor == len(self.order):  # a new pass: reshuffle
+                self.order, self.cursor = torch.randperm(len(self.rows), generator=self.generator).tolist(), 0
+            chunk = self.order[self.cursor : self.cursor + n - len(out)]
+            out += [self.rows[i] for i in chunk]
+            self.cursor += len(chunk)
+        return out
 
 
 @dataclass
@@ -454,9 +539,11 @@ def train_language_model(
     Returns:
         The contents of ``stage0_text.json``: ``config``, ``world_sha256``, ``lm_dir`` (absolute path),
         ``vocab_size``, ``tokenizer_size``, ``image_token_id``, ``parameters``, ``train_sequences``,
-        ``final_train_loss``, ``val_loss`` / ``val_perplexity`` (all val text) and ``val_caption_perplexity`` /
-        ``val_vqa_perplexity``, ``loss_curve`` (list of ``{"step", "loss", "lr"}``), ``time_s`` (per phase and
-        total) and ``cached`` (True when nothing was trained).
+        ``final_train_loss``, ``val_loss`` / ``val_perplexity`` (all val text, per token after the BOS, EOS
+        included), ``val_caption_perplexity`` / ``val_vqa_perplexity``, ``val_perplexity_shifted`` (the text
+        starting at position ``val_shift``), ``loss_curve`` (list of ``{"step", "loss", "lr"}``), ``time_s`` (wall
+        seconds per phase and in total, plus the training's process CPU seconds) and ``cached`` (True when nothing
+        was trained).
 
     Raises:
         InputError: If the world folder lacks the train manifests or holds no text.
@@ -479,9 +566,13 @@ def train_language_model(
     has_val = (world_dir / "captions_val.jsonl").is_file() and (world_dir / "vqa_val.jsonl").is_file()
     val_text = load_world_texts(world_dir, "val") if has_val else {"captions": [], "vqa": []}
 
-    tokenizer = build_tokenizer(train_texts, max_vocab_size=config.max_vocab_size, model_max_length=config.max_positions)
-    train_rows = _encode(tokenizer, train_texts, config.max_positions)
-    val_rows = {key: _encode(tokenizer, texts, config.max_positions) if texts else [] for key, texts in val_text.items()}
+    tokenizer = build_tokenizer(
+        train_texts, max_vocab_size=config.max_vocab_size, model_max_length=config.max_positions
+    )
+    train_rows = {key: _encode(tokenizer, texts, config.max_positions) for key, texts in train_text.items()}
+    val_rows = {
+        key: _encode(tokenizer, texts, config.max_positions) if texts else [] for key, texts in val_text.items()
+    }
     if config.val_max_sequences is not None:  # keep both kinds in proportion
         total_val = sum(len(rows) for rows in val_rows.values())
         if total_val > config.val_max_sequences:
@@ -492,31 +583,38 @@ def train_language_model(
     tokenizer_time = time.perf_counter() - start
 
     device = torch.device(config.device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _torch_threads(config.num_threads):
         torch.manual_seed(config.seed)
         model = _build_model(config, tokenizer).to(device)
         model.train()
         optimizer = _optimizer(model, config)
         generator = torch.Generator().manual_seed(config.seed)
+        streams = {key: _Stream(rows, generator) for key, rows in train_rows.items() if rows}
+        n_captions = round(config.batch_size * config.caption_fraction) if len(streams) == 2 else None
         pad_id = tokenizer.pad_token_id
 
         curve: list[dict[str, float]] = []
         bar = _Progress(progress, config.steps)
-        order = torch.randperm(len(train_rows), generator=generator).tolist()
-        cursor, window, last_loss = 0, [], float("nan")
-        train_start = time.perf_counter()
+        window, last_loss = [], float("nan")
+        train_start, train_cpu_start = time.perf_counter(), time.process_time()
         for step in range(config.steps):
-            if cursor + config.batch_size > len(order):  # a new epoch: reshuffle
-                order, cursor = torch.randperm(len(train_rows), generator=generator).tolist(), 0
-            batch = [train_rows[i] for i in order[cursor : cursor + config.batch_size]]
-            cursor += config.batch_size
+            if n_captions is None:  # only one kind of text
+                batch = next(iter(streams.values())).take(config.batch_size)
+            else:
+                batch = streams["captions"].take(n_captions) + streams["vqa"].take(config.batch_size - n_captions)
             ids, mask = _pad(batch, pad_id)
-            ids, mask = ids.to(device), mask.to(device)
+            # Some rows start at a random position instead of 0, so that every position embedding is trained: in
+            # BLIP-2 the text follows the soft prompt (32 query tokens in the paper) and starts that much later.
+            room = torch.tensor([config.max_positions - len(row) for row in batch])
+            offsets = (torch.rand(len(batch), generator=generator) * (room + 1)).long()
+            offsets *= torch.rand(len(batch), generator=generator) < config.position_shift_fraction
+            positions = _position_ids(mask, offsets, config.max_positions)
+            ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
             lr = _lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(device, config.precision):
-                loss_sum, count = _token_nll(model, ids, mask)
+                loss_sum, count = _token_nll(model, ids, mask, positions)
             loss = loss_sum / count
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -524,7 +622,7 @@ def train_language_model(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
 
-            last_loss = float(loss)
+            last_loss = loss.item()
             window.append(last_loss)
             bar.update(last_loss)
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
@@ -534,12 +632,11 @@ def train_language_model(
                 if on_log is not None:
                     on_log(point)
         bar.close()
-        train_time = time.perf_counter() - train_start
+        train_time, train_cpu = time.perf_counter() - train_start, time.process_time() - train_cpu_start
 
         eval_start = time.perf_counter()
-        val = {key: _evaluate(model, rows, pad_id, config, device) if rows else None for key, rows in val_rows.items()}
-        all_rows = val_rows["captions"] + val_rows["vqa"]
-        val_loss = _evaluate(model, all_rows, pad_id, config, device) if all_rows else None
+        val = {key: _evaluate(model, rows, pad_id, config, device) for key, rows in val_rows.items()}
+        val_shifted = _evaluate(model, val_rows["captions"] + val_rows["vqa"], pad_id, config, device, config.val_shift)
         eval_time = time.perf_counter() - eval_start
 
     model.eval()
@@ -555,24 +652,36 @@ def train_language_model(
         "tokenizer_size": len(tokenizer),
         "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_sequences": len(train_rows),
+        "train_sequences": {key: len(rows) for key, rows in train_rows.items()},
         "sequences_seen": config.steps * config.batch_size,
         "final_train_loss": curve[-1]["loss"] if curve else last_loss,
-        "val_sequences": len(all_rows),
-        "val_loss": val_loss,
-        "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
-        "val_caption_perplexity": math.exp(val["captions"]) if val["captions"] is not None else None,
-        "val_vqa_perplexity": math.exp(val["vqa"]) if val["vqa"] is not None else None,
+        "val_sequences": sum(len(rows) for rows in val_rows.values()),
+        "val_loss": _mean_nll(*val.values()),
+        "val_perplexity": _perplexity(*val.values()),
+        "val_caption_perplexity": _perplexity(val["captions"]),
+        "val_vqa_perplexity": _perplexity(val["vqa"]),
+        "val_perplexity_shifted": _perplexity(val_shifted),
         "loss_curve": curve,
         "time_s": {
             "tokenizer": tokenizer_time,
             "train": train_time,
+            "train_cpu": train_cpu,
             "eval": eval_time,
             "total": time.perf_counter() - start,
         },
     }
     _write_json_atomically(out_dir / _RESULT_NAME, result)
     return {**result, "cached": False}
+
+
+def _mean_nll(*parts: tuple[float, int]) -> float | None:
+    total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return total / count if count else None
+
+
+def _perplexity(*parts: tuple[float, int]) -> float | None:
+    nll = _mean_nll(*parts)
+    return math.exp(nll) if nll is not None else None
 
 
 def _save_atomically(folder: Path, write: Callable[[Path], object]) -> None:
@@ -643,6 +752,7 @@ def blind_baseline(
     max_caption_tokens: int = 20,
     limit: int | None = None,
     device: str = "cpu",
+    num_threads: int | None = 1,
 ) -> dict[str, Any]:
     """The LLM-only baseline: what the frozen LM says without seeing the image.
 
@@ -660,6 +770,7 @@ def blind_baseline(
         max_caption_tokens: New tokens for the caption.
         limit: Use only the first ``limit`` questions and images.
         device: Torch device.
+        num_threads: Torch CPU threads while generating (restored afterwards); None leaves the setting alone.
 
     Returns:
         ``{"vqa": {"accuracy", "count", "per_type", "per_type_count", "predictions"}, "captions":
@@ -679,7 +790,9 @@ def blind_baseline(
 
     start = time.perf_counter()
     questions = _read_jsonl(Path(vqa_manifest))[:limit]
-    caption_records = list({r.get("image_id", r.get("image")): r for r in _read_jsonl(Path(captions_manifest))}.values())
+    caption_records = list(
+        {r.get("image_id", r.get("image")): r for r in _read_jsonl(Path(captions_manifest))}.values()
+    )
     caption_records = caption_records[:limit]
     if not questions:
         raise InputError(f"{vqa_manifest} holds no questions")
@@ -692,7 +805,9 @@ def blind_baseline(
         tokenizer.pad_token = tokenizer.eos_token
 
     prompts = [VQA_PROMPT.format(r["question"]) for r in questions]
-    answers = _greedy(model, tokenizer, prompts, max_answer_tokens, batch_size)
+    with _torch_threads(num_threads):
+        answers = _greedy(model, tokenizer, prompts, max_answer_tokens, batch_size)
+        caption = _greedy(model, tokenizer, [""], max_caption_tokens, 1)[0]  # "" is "</s>" alone
     types = [r.get("question_type", "all") for r in questions]
     scores = evaluate_vqa(answers, [r["answers"] for r in questions], types)
     vqa_predictions = [
@@ -700,8 +815,9 @@ def blind_baseline(
         for i, (r, a) in enumerate(zip(questions, answers))
     ]
 
-    caption = _greedy(model, tokenizer, [""], max_caption_tokens, 1)[0]
-    caption_predictions = [{"image_id": r.get("image_id"), "image": r.get("image"), "caption": caption} for r in caption_records]
+    caption_predictions = [
+        {"image_id": r.get("image_id"), "image": r.get("image"), "caption": caption} for r in caption_records
+    ]
     with_objects = [r for r in caption_records if "objects" in r]
     fact_f1 = (
         sum(fact_accuracy(caption, r["objects"]) for r in with_objects) / len(with_objects) if with_objects else None

@@ -1,0 +1,1 @@
+"""End-to-end recipes built on the library (the embedded default lives here)."""
