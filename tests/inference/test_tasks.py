@@ -47,6 +47,7 @@ def greedy_without_cache(model, pixels, prompt, steps):
                 e = torch.cat([embeds, lm.get_input_embeddings()(tokens)], dim=1)
                 m = torch.cat([mask, torch.ones_like(tokens)], dim=1)
                 logits = lm(inputs_embeds=e, attention_mask=m).logits[:, -1]
+            logits[:, model.tokenizer.eos_token_id] = -float("inf")  # as min_new_tokens does
             out.append(logits.argmax(-1))
     return [t.strip() for t in model.tokenizer.batch_decode(torch.stack(out, 1), skip_special_tokens=True)]
 

@@ -62,26 +62,18 @@ class _Stepper:
             self.cache = DynamicCache()
             self.takes_positions = "position_ids" in inspect.signature(lm.forward).parameters
             self.prefix_embeds = prefix_embeds
-            # As transformers' generate does: without padding the LLM gets no mask at all, so it builds none and
-            # attention takes its unmasked (causal) path. The mask is still kept: it gives the positions.
-            self.padded = not bool(self.mask.all())
 
     def prefill(self, first_tokens: Tensor | None) -> Tensor:
         """Encode the prefix (decoder-only) or the decoder start token (encoder-decoder); logits [B, V]."""
         if self.encoder_decoder:
             return self.step(first_tokens)
-        P = self.mask.shape[1]
-        # The last position as an index tensor, not `logits_to_keep=1`: the slice `[:, -1:]` is not contiguous,
-        # and with frozen (no-grad) weights torch then runs the LM head as a batched matmul over B copies of
-        # the [V, D] weight (seconds per call in bf16 on CPU). Indexing gives a contiguous [B, 1, D]: one matmul.
-        last = torch.tensor([P - 1], device=self.mask.device)
         out = self.lm(
             inputs_embeds=self.prefix_embeds,
-            attention_mask=self._mask(),
+            attention_mask=self.mask,
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=last,
-            **self._positions(P),
+            logits_to_keep=1,
+            **self._positions(self.mask.shape[1]),
         )
         del self.prefix_embeds
         return out.logits[:, -1].float()
@@ -100,15 +92,12 @@ class _Stepper:
             self.mask = F.pad(self.mask, (0, 1), value=1)
             out = self.lm(
                 input_ids=tokens[:, None],
-                attention_mask=self._mask(),
+                attention_mask=self.mask,
                 past_key_values=self.cache,
                 use_cache=True,
                 **self._positions(1),
             )
         return out.logits[:, -1].float()
-
-    def _mask(self) -> Tensor | None:
-        return self.mask if self.padded else None
 
     def _positions(self, n: int) -> dict:
         if not self.takes_positions:
@@ -171,10 +160,17 @@ def generate(
         if decoder_start_token_id is None:
             raise ValueError("an encoder-decoder model needs decoder_start_token_id")
         start = torch.full((B,), decoder_start_token_id, dtype=torch.long, device=prefix_embeds.device)
+    expanded = False
+    if stepper.encoder_decoder and settings.num_beams > 1:
+        # The encoder already ran once per image; the decoder's first step is one token, so run it on every beam
+        # as transformers does (identical numerics, negligible cost).
+        stepper.expand(settings.num_beams)
+        start = start.repeat_interleave(settings.num_beams)
+        expanded = True
     logits = stepper.prefill(start)
     if settings.num_beams == 1:
         return _greedy_or_sample(stepper, logits, settings, eos, pad_token_id, generator)
-    return _beam_search(stepper, logits, settings, eos, pad_token_id)
+    return _beam_search(stepper, logits, settings, eos, pad_token_id, expanded=expanded)
 
 
 def _greedy_or_sample(
@@ -212,8 +208,15 @@ def _sample(logits: Tensor, s: GenerationSettings, generator: torch.Generator | 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # [B]
 
 
-def _beam_search(stepper: _Stepper, logits: Tensor, s: GenerationSettings, eos: Tensor, pad: int) -> Tensor:
-    """Vectorised beam search (transformers' algorithm); hypotheses are scored by sum log p / length^penalty."""
+def _beam_search(
+    stepper: _Stepper, logits: Tensor, s: GenerationSettings, eos: Tensor, pad: int, *, expanded: bool = False
+) -> Tensor:
+    """Vectorised beam search (transformers' algorithm); hypotheses are scored by sum log p / length^penalty.
+
+    `logits` [B, V] of a once-per-image prefill (or [B*K, V] when the state is already `expanded` to beams).
+    """
+    if expanded:
+        logits = logits[:: s.num_beams]
     B, V = logits.shape
     K = s.num_beams
     device = logits.device
@@ -228,7 +231,8 @@ def _beam_search(stepper: _Stepper, logits: Tensor, s: GenerationSettings, eos: 
     is_finished = torch.zeros(B, K, dtype=torch.bool, device=device)
     can_improve = torch.ones(B, 1, dtype=torch.bool, device=device)
     top_k_mask = torch.arange(keep, device=device) < K  # only the best K candidates may become final
-    stepper.expand(K)
+    if not expanded:
+        stepper.expand(K)
     logits = logits.repeat_interleave(K, dim=0)  # [B*K, V]
 
     for step in range(L):
