@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from stage1_factory import tiny_stage1
 from vlbridge.objectives.itc import itc_loss, itc_similarity
 from vlbridge.objectives.itm import sample_negatives
-from vlbridge.objectives.stage1 import stage1_losses
+from vlbridge.objectives.stage1 import stage1_losses, trim_text_padding
 from vlbridge.training.distributed import id_codes
 
 DEC = 59
@@ -132,3 +132,23 @@ def test_batch_size_one():
     feats, ids, mask = batch(B=1)
     out = stage1_losses(model, feats, ids, mask, id_codes(["only"]), dec_token_id=DEC)
     assert torch.isfinite(out.loss)
+
+
+def test_trimming_padding_shared_by_the_whole_batch_changes_no_loss_or_gradient():
+    model = tiny_stage1()
+    feats, ids, mask = batch()
+    codes = id_codes([f"img{i}" for i in range(len(ids))])
+    pad = torch.zeros(len(ids), 6, dtype=torch.long)  # max_length padding beyond the longest caption
+    ids, mask = torch.cat([ids, pad], 1), torch.cat([mask, pad], 1)
+    assert trim_text_padding(ids, mask)[1].shape[1] == ids.shape[1] - 6
+    results = []
+    for trim in (False, True):
+        model.zero_grad(set_to_none=True)
+        g = torch.Generator().manual_seed(2)
+        out = stage1_losses(model, feats, ids, mask, codes, dec_token_id=DEC, generator=g, trim_padding=trim)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (a, ga), (b, gb) = results
+    for name in ("itc_loss", "itm_loss", "itg_loss"):
+        assert float(getattr(a, name)) == pytest.approx(float(getattr(b, name)), abs=1e-6)
+    assert len(ga) == len(gb) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))

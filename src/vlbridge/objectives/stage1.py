@@ -3,7 +3,8 @@
 Work is shared between the three objectives wherever the maths allows:
 - the image's cross-attention keys/values are projected once and indexed for the ITM pairs;
 - ITG reuses the queries' self-attention keys/values from the ITC image pass;
-- hard negatives are drawn in one vectorised call.
+- hard negatives are drawn in one vectorised call;
+- optionally, trailing columns that are padding in every caption of the global batch are dropped first.
 
 Across ranks, ITC is computed over the whole global batch on every rank with gradient into the local
 slice (scaled so DDP's gradient averaging reproduces the single-process gradient exactly); ITM negatives
@@ -58,6 +59,7 @@ def stage1_losses(
     dec_token_id: int,
     generator: torch.Generator | None = None,
     label_smoothing: float = 0.1,
+    trim_padding: bool = False,
 ) -> Stage1Output:
     """The three stage-1 losses.
 
@@ -70,11 +72,17 @@ def stage1_losses(
         dec_token_id: id of `[DEC]`, which replaces [CLS] for ITG.
         generator: draws the ITM negatives; seed it identically on every rank.
         label_smoothing: for ITC and ITG (0.1 in the paper).
+        trim_padding: first drop the trailing text columns that are padding in every caption of the global
+            batch (`trim_text_padding`). The losses and gradients are the same, up to float rounding (the
+            matmul shapes change, so a run is not bit-identical to an untrimmed one); the compute of padding
+            to `max_length` is saved.
     """
     qformer = model.qformer
     B = input_ids.shape[0]
     with torch.no_grad():
         model.temp.clamp_(*TEMPERATURE_RANGE)
+    if trim_padding:
+        input_ids, attention_mask = trim_text_padding(input_ids, attention_mask)
 
     image_embeds = model.ln_vision(vision_feats.to(model.ln_vision.weight.dtype))  # [B, N, Dv]
     image_kv = qformer.image_kv(image_embeds)  # per layer ([B, nh, N, hd], [B, nh, N, hd]) or None
@@ -141,6 +149,22 @@ def stage1_losses(
     # so that DDP's averaging sums the slices.
     total = world * loss_itc + loss_itm + loss_itg
     return Stage1Output(total, loss_itc.detach(), loss_itm.detach(), loss_itg.detach(), itm_acc)
+
+
+def trim_text_padding(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the trailing columns that are padding in every caption of the global batch.
+
+    Captions are padded to a fixed `max_length` (equal shapes on every rank), mostly far longer than the longest
+    caption of a batch. Padded keys are masked out and padded positions carry no loss, so removing the columns
+    where every rank's every caption is padding changes no loss or gradient; it removes their compute from the
+    text, ITM and ITG passes. Ranks agree on the new length, so gathered text still has one shape.
+    """
+    real = attention_mask.bool().any(dim=0).nonzero()  # columns holding a real token in some caption
+    used = int(real.max()) + 1 if len(real) else 1
+    length = int(D.gather_no_grad(torch.tensor([used], device=attention_mask.device)).max())
+    if length == input_ids.shape[1]:
+        return input_ids, attention_mask
+    return input_ids[:, :length], attention_mask[:, :length]
 
 
 def _scale_grad(x: Tensor, scale: float) -> Tensor:

@@ -30,13 +30,16 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vlbridge.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from vlbridge.models.clip import ClipDualEncoder
 
 __all__ = ["Stage0VisionConfig", "train_vision_encoder"]
 
@@ -83,10 +86,10 @@ class Stage0VisionConfig:
     text_width: int = 128
     text_layers: int = 2
     text_heads: int = 4
-    mlp_ratio: int = 4
+    mlp_ratio: int = 2  # at equal compute, 2 with more steps beat 4 (measured on the default world)
     embed_dim: int = 128
     batch_size: int = 128
-    steps: int = 300
+    steps: int = 360
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 30
@@ -189,7 +192,8 @@ def _shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> 
 # Model, evaluation
 
 
-def _build(config: Stage0VisionConfig, image_size: int, tokenizer: Any, max_text_length: int):
+def _build(config: Stage0VisionConfig, image_size: int, tokenizer: Any, max_text_length: int) -> ClipDualEncoder:
+    """The dual encoder of ``config`` for square images of side ``image_size``, randomly initialised."""
     from transformers import CLIPVisionConfig
 
     from vlbridge.models.clip import ClipDualEncoder, text_config_for
@@ -218,7 +222,10 @@ def _build(config: Stage0VisionConfig, image_size: int, tokenizer: Any, max_text
 
 
 @torch.no_grad()
-def _embed(model, split: _Split, tokenizer: Any, normalize: _Normalize, config: Stage0VisionConfig, autocast):
+def _embed(
+    model: ClipDualEncoder, split: _Split, tokenizer: Any, normalize: _Normalize, config: Stage0VisionConfig, autocast
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised embeddings of every image ``[N, D]`` and every text ``[T, D]`` of a split."""
     from vlbridge.models.clip import tokenize
 
     image_embeds, text_embeds = [], []
@@ -232,20 +239,22 @@ def _embed(model, split: _Split, tokenizer: Any, normalize: _Normalize, config: 
     return torch.cat(image_embeds), torch.cat(text_embeds)
 
 
-def _retrieval(model, split: _Split, tokenizer, normalize, config, autocast) -> dict[str, float]:
+def _retrieval(
+    model: ClipDualEncoder, split: _Split, tokenizer: Any, normalize: _Normalize, config: Stage0VisionConfig, autocast
+) -> dict[str, float]:
     """Zero-shot recall@1/5/10 both ways (Karpathy convention), plus text→image R@1 of the first (most complete)
     caption of each image alone."""
     from vlbridge.eval.retrieval import recall_at_k
 
     images, texts = _embed(model, split, tokenizer, normalize, config, autocast)
     sim = images @ texts.t()  # [n_images, n_texts]
-    metrics = recall_at_k(sim, split.text_image)
+    metrics = {k: round(v, 5) for k, v in recall_at_k(sim, split.text_image).items()}
     first = torch.zeros(len(split.texts), dtype=torch.bool)
     first[_first_indices(split)] = True
     full = recall_at_k(sim[:, first], split.text_image[first], ks=(1,))
     metrics["img_r1_full_caption"] = full["img_r1"]
     metrics["n_images"], metrics["n_texts"] = len(split.pixels), len(split.texts)
-    metrics["chance_img_r1"] = 1 / len(split.pixels)
+    metrics["chance_img_r1"] = round(1 / len(split.pixels), 5)
     return metrics
 
 
@@ -390,7 +399,7 @@ def train_vision_encoder(
         perm, cursor = torch.randperm(len(train.pixels), generator=generator), 0
         curve: list[list[float]] = []
         running, running_n = 0.0, 0
-        train_start = time.perf_counter()
+        train_start, train_cpu_start = time.perf_counter(), time.process_time()
         bar = tqdm(range(config.steps), desc="stage 0 vision", unit="step", disable=not progress)
         for step in bar:
             if cursor + batch > len(perm):  # a new epoch: every image once before any twice
@@ -420,6 +429,7 @@ def train_vision_encoder(
                 running, running_n = 0.0, 0
         bar.close()
         train_seconds = time.perf_counter() - train_start
+        train_cpu_seconds = time.process_time() - train_cpu_start
 
         model.eval()
         metrics = {}
@@ -458,6 +468,7 @@ def train_vision_encoder(
             "final_logit_scale": round(model.scale().item(), 4),
             "loss_curve": curve,
             "train_seconds": round(train_seconds, 2),
+            "train_cpu_seconds": round(train_cpu_seconds, 2),  # summed over threads
             "total_seconds": round(time.perf_counter() - started, 2),
         }
         tmp = out_dir / (SUMMARY_NAME + ".tmp")
