@@ -1,11 +1,13 @@
 """Stage-2 training step: vlbridge's ``Stage2Module`` against transformers' ``Blip2ForConditionalGeneration``.
 
-One random checkpoint (written once by ``transformers`` itself, default initialisers, fixed seed) is loaded by
-both sides: ours with ``vlbridge.load(folder)``, theirs with ``Blip2ForConditionalGeneration.from_pretrained``.
+One random checkpoint (written once by ``transformers`` itself: its own initialisers, fixed seed, except the
+vision encoder's ``initializer_range``, 0.02 instead of BLIP-2's 1e-10, so that image features are O(1)) is loaded
+by both sides: ours with ``vlbridge.load(folder)``, theirs with ``Blip2ForConditionalGeneration.from_pretrained``.
 Sizes (the defaults): a ViT-B/16-like ``Blip2VisionConfig`` (768 wide, 12 layers, 12 heads, FFN 3072, 224 px,
-patch 16: 197 tokens), a BLIP-2 Q-Former (12 x 768, 12 heads, FFN 3072, 32 queries, cross-attention every 2
-layers) and an OPT-125M-sized LLM (12 x 768, 12 heads, FFN 3072, vocabulary 50272). Batch 8, a 5-token prompt
-(BOS included) and captions of 14-26 tokens (mean 20, EOS included), right-padded: [32 queries | prompt | caption].
+patch 16: 197 tokens; ``--vision-layers`` makes it shallower), a BLIP-2 Q-Former (12 x 768, 12 heads, FFN 3072,
+32 queries, cross-attention every 2 layers) and an OPT-125M-sized LLM (12 x 768, 12 heads, FFN 3072, vocabulary
+50272). Batch 8, a 5-token prompt (BOS included) and captions of 14-26 tokens (mean 20, EOS included), padded on
+the right: [32 queries | prompt | caption | pad].
 
 A step is what ``vlbridge.training.loop`` does: forward (fp32, or under CPU bf16 autocast), backward, gradient
 clipping at 1.0, ``AdamW`` (``make_optimizer``: the same optimiser, built the same way, on both sides) over the
@@ -17,29 +19,35 @@ and the projection — then ``zero_grad``. The vision encoder and the LLM are fr
   the LLM's hidden states go through the LM head at the target positions only.
 - transformers: ``forward(pixel_values, input_ids=[<image>] * 32 + prompt + caption, attention_mask,
   labels=-100 except the caption)``: logits over the whole sequence, then its causal-LM loss.
-- "bf16": the frozen vision encoder and LLM are stored in bf16 (ours: ``vlbridge.load(folder,
+- bf16: the frozen vision encoder and LLM are stored in bf16 (ours: ``vlbridge.load(folder,
   dtype=torch.bfloat16)``; theirs: ``from_pretrained(dtype=torch.bfloat16)``, which keeps the Q-Former and the
   queries in fp32, with ``post_layernorm`` and ``language_projection`` put back to fp32 as ours has them); the
   bridge stays fp32 and the step runs under bf16 autocast.
-- ``vlbridge, cached``: the same step reading frozen image features (fp16, as ``FeatureCache`` stores them)
-  instead of pixels (``batch["vision_feats"]``): what stage-2 training costs with the feature cache. transformers
-  has no such path, so this row shows the bridge + LLM cost alone; it is not the like-for-like ratio.
+- ``--cached`` adds ``vlbridge-cached``: the same step reading frozen image features (fp16, as ``FeatureCache``
+  stores them) instead of pixels (``batch["vision_feats"]``): what stage-2 training costs with the feature cache.
+  transformers has no such path, so that row is the bridge + LLM cost alone, not a like-for-like ratio.
 
-Every (side, precision) runs in its own worker process, so that its peak resident memory is its own: the workers
-of one precision are alive together and take steps in turn (the order flips every round; other processes share
-the CPU), medians over the rounds. Peak memory is the worker's ``VmHWM`` over the timed steps (the high-water
-mark is reset with ``/proc/self/clear_refs`` after the warm-up step), reported in total and above what it held
-before the steps (model, optimiser state: the step's own activations and gradients).
+Every (implementation, precision) runs in its own worker process, so that its peak resident memory is its own
+(``--quick``: one worker per implementation serves both precisions). A worker's first step is the loss check (eval
+mode, no dropout, on a check batch; it also allocates the optimiser state: the warm-up); the workers of both sides
+take it at once, untimed, while the next precision's workers load. Then the timed steps: the implementations take
+turns (the order flips every round; other processes share the CPU), as many rounds as the budget allows (2 to
+``--rounds``), medians. Round 1 of each side runs under ``torch.profiler`` (its overhead is about 1%). Peak memory
+is the worker's ``VmHWM`` over the timed steps (reset with ``/proc/self/clear_refs`` after the warm-up), in total
+and above the RSS before them (the step's activations and gradients). ``--threads`` defaults to 2, or 1 when the
+machine is already busy (1-minute load average at least the number of cores): two OpenMP threads on an
+oversubscribed machine wait for each other at every op (2-3x slower steps, and much noisier).
 
 Printed:
-1. the loss check: eval mode (no dropout), the same batch: each side's loss, fp32 and bf16, their difference,
-   and in fp32 the largest gradient difference relative to the largest gradient (parameters matched by name);
-2. the timing table: step seconds, samples/s, ratio to transformers, peak memory;
-3. where the time goes: ``torch.profiler`` over one step of each side per precision, split by part (forward
-   and backward separately; a backward op belongs to the part whose forward op created it) and the top ops.
+1. the loss check: each side's loss, fp32 and bf16, their difference, and in fp32 the largest gradient
+   difference relative to the largest gradient (parameters matched by name through the loader's table);
+2. the timing table: wall seconds per step, samples/s, ratio to transformers, CPU seconds per step and that ratio
+   (CPU time stops while the worker is descheduled: steadier on a shared machine), peak memory;
+3. where the time goes: the profiled steps, split by part (forward and backward separately; a backward op is
+   charged to the part whose forward op created it) and the top ops.
 
-    python benchmarks/stage2_step.py            # full size (about 6-8 minutes on 2 busy cores)
-    python benchmarks/stage2_step.py --quick    # small model, batch 4 (under a minute)
+    python benchmarks/stage2_step.py            # full size (about 7 minutes on 2 busy cores)
+    python benchmarks/stage2_step.py --quick    # small model, batch 4 (about 30 s)
 """
 
 from __future__ import annotations
@@ -365,17 +373,17 @@ def attribute(events) -> dict[tuple[str, str], float]:
     return out
 
 
-def profiled_step(side: Side, inputs: dict[str, Any], top: int) -> tuple[float, float, list[str]]:
-    """One training step under torch.profiler: (seconds, loss, report lines)."""
+def profiled_step(side: Side, inputs: dict[str, Any], top: int) -> tuple[float, float, float, list[str]]:
+    """One training step under torch.profiler: (wall seconds, CPU seconds, loss, report lines)."""
     regions = Regions(side.regions)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             loss = side.step(inputs)
-            wall = time.perf_counter() - t
+            wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     finally:
         regions.remove()
-    return wall, loss, profile_report(side, prof, wall, top)
+    return wall, cpu, loss, profile_report(side, prof, wall, top)
 
 
 def profile_report(side: Side, prof: Any, wall: float, top: int) -> list[str]:
@@ -431,14 +439,13 @@ def worker(args: argparse.Namespace) -> None:
             side.train(True)
             send({"loss": loss, "seconds": time.perf_counter() - t})
         elif op == "step":
-            cpu = time.process_time()  # all threads of this process: not advanced while it is descheduled
             if cmd.get("profile"):
-                seconds, loss, lines = profiled_step(side, timed_inputs[precision], cmd.get("top", 10))
+                seconds, cpu, loss, lines = profiled_step(side, timed_inputs[precision], cmd.get("top", 10))
             else:
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()  # CPU: all threads, stops while descheduled
                 loss, lines = side.step(timed_inputs[precision]), []
-                seconds = time.perf_counter() - t
-            send({"seconds": seconds, "cpu": time.process_time() - cpu, "loss": loss, "lines": lines})
+                seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+            send({"seconds": seconds, "cpu": cpu, "loss": loss, "lines": lines})
         elif op == "reset":  # from here on, VmHWM is the peak of what follows
             before = {k: proc_status_kib(k) for k in ("VmRSS", "RssAnon", "RssFile")}
             send({"reset": reset_peak(), **before})
@@ -529,6 +536,7 @@ def main() -> None:
     budget = args.budget or (45.0 if args.quick else 440.0)
     max_rounds = args.rounds or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
     sides = [n for n in SIDES if args.cached or n != "vlbridge-cached"]
     print(f"stage-2 training step: {s.describe()}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{args.threads} thread(s) per worker{threads_note}")  # fmt: skip
