@@ -448,7 +448,8 @@ def worker(args: argparse.Namespace) -> None:
             send({"seconds": seconds, "cpu": cpu, "loss": loss, "lines": lines})
         elif op == "reset":  # from here on, VmHWM is the peak of what follows
             before = {k: proc_status_kib(k) for k in ("VmRSS", "RssAnon", "RssFile")}
-            send({"reset": reset_peak(), **before})
+            before["reset"] = int(reset_peak())
+            send(before)
         elif op == "peak":
             send({"VmHWM": proc_status_kib("VmHWM"), **before})
         elif op == "quit":
@@ -633,6 +634,8 @@ def main() -> None:
         f"{'precision':<9} {'implementation':<16} {'wall s':>7} {'samples/s':>9} {'ratio':>6} {'CPU s':>7} "
         f"{'ratio':>6} {'loss':>7} {'peak MiB':>8} {'step Δ':>7} {'before: anon + file':>19}"
     )
+    if not all(pk["reset"] for pk in peaks.values()):
+        print("  (/proc/self/clear_refs refused: peak MiB is since the worker started, loading included)")
     print(header)
     print("-" * len(header))
     for precision in PRECISIONS:

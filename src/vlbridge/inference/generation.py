@@ -247,8 +247,8 @@ def _beam_search(
     logits = logits.repeat_interleave(K, dim=0)  # [B*K, V]
 
     for step in range(L):
-        logits = _block(logits, step, s, eos)
-        log_probs = F.log_softmax(logits, dim=-1).view(B, K, V) + running_scores[:, :, None]
+        # as transformers does: processors (min length) act on the log-probabilities, after the softmax
+        log_probs = _block(F.log_softmax(logits, dim=-1), step, s, eos).view(B, K, V) + running_scores[:, :, None]
         cand_scores, cand_idx = torch.topk(log_probs.view(B, K * V), k=keep)  # [B, 2K]
         cand_beam, cand_token = cand_idx // V, cand_idx % V
         cand_seqs = torch.take_along_dim(running, cand_beam[:, :, None], dim=1).clone()  # [B, 2K, L]

@@ -165,11 +165,15 @@ def load_hf(
     config = read_config(path)
     arch = architecture_of(config, path)
     hf_cls = getattr(transformers, arch)
-    try:
-        hf = hf_cls.from_pretrained(path, dtype=dtype or torch.float32)
+    try:  # float32 first: transformers would round the bridge to bf16 too (it keeps fp32 modules only for fp16)
+        hf = hf_cls.from_pretrained(path, dtype=torch.float32)
     except Exception as exc:
         raise CheckpointError(f"{path}: transformers could not load this {arch} checkpoint: {exc}") from exc
     model = from_hf_model(hf)
+    if dtype is not None and dtype != torch.float32:  # only the frozen parts change dtype
+        model.vision.to(dtype)
+        if model.language_model is not None:
+            model.language_model.to(dtype)
     _attach_preprocessing(model, path, arch)
     return model.to(device)
 
