@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
+from vlbridge.errors import InputError
+
 NEG_INF = -1.0e9  # transformers' "impossible" score; kept identical so ties break the same way
 
 
@@ -39,13 +41,13 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+            raise InputError("max_new_tokens must be >= 1")
         if self.num_beams < 1:
-            raise ValueError("num_beams must be >= 1")
+            raise InputError("num_beams must be >= 1")
         if self.do_sample and self.num_beams > 1:
-            raise ValueError("sampling with beams is not supported; use num_beams=1 with do_sample")
+            raise InputError("sampling with beams is not supported; use num_beams=1 with do_sample")
         if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+            raise InputError("temperature must be > 0")
 
 
 class _Stepper:
