@@ -21,10 +21,15 @@ Printed:
    forward + backward counted with ``FlopCounterMode`` at three small batch sizes and extrapolated exactly: they
    are a quadratic in B), achieved GFLOP/s, and the fraction of this machine's matmul peak, a ``torch.mm`` of
    2048^3 (fp32 and bf16, best of 3) measured in every round next to the steps it is compared with;
+2b. one round on COCO-like captions (about 13 of the 32 tokens real) with ``stage1_losses(trim_padding=True)``;
 3. where the time goes: ``torch.profiler`` over one vlbridge step per precision, by phase and top ops.
 
-    python benchmarks/stage1_step.py            # full size (about 8-10 minutes on 2 busy cores)
-    python benchmarks/stage1_step.py --quick    # small Q-Former, batch 4 (under a minute)
+Rounds continue (up to ``--rounds``) while the ``--budget`` (560 s) leaves time for (2b) and (3); those are skipped
+when it does not. CPU seconds are printed next to wall seconds: when other processes share the cores, wall times
+swing by 2x and more between rounds, and the FLOP ratio is the steadier statement of the speed-up.
+
+    python benchmarks/stage1_step.py            # full size: about 8 minutes on 2 otherwise idle cores
+    python benchmarks/stage1_step.py --quick    # small Q-Former, batch 6: seconds
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ and the projection — then ``zero_grad``. The vision encoder and the LLM are fr
 - transformers: ``forward(pixel_values, input_ids=[<image>] * 32 + prompt + caption, attention_mask,
   labels=-100 except the caption)``: logits over the whole sequence, then its causal-LM loss.
 - bf16: the frozen vision encoder and LLM are stored in bf16 (ours: ``vlbridge.load(folder,
-  dtype=torch.bfloat16)``; theirs: ``from_pretrained(dtype=torch.bfloat16)``, which keeps the Q-Former and the
-  queries in fp32, with ``post_layernorm`` and ``language_projection`` put back to fp32 as ours has them); the
-  bridge stays fp32 and the step runs under bf16 autocast.
+  dtype=torch.bfloat16)``; theirs: ``from_pretrained`` in fp32, then its vision embeddings + encoder and its LLM
+  cast to bf16, the same rounding); the bridge (queries, Q-Former, ``post_layernorm``, projection) keeps its
+  exact fp32 weights on both sides and the step runs under bf16 autocast.
 - ``--cached`` adds ``vlbridge-cached``: the same step reading frozen image features (fp16, as ``FeatureCache``
   stores them) instead of pixels (``batch["vision_feats"]``): what stage-2 training costs with the feature cache.
   transformers has no such path, so that row is the bridge + LLM cost alone, not a like-for-like ratio.
@@ -209,12 +209,13 @@ class Side:
                 "LM head (frozen)": [self.model.language_model.lm_head],
             }
         else:
-            hf = transformers.Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+            hf = transformers.Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
             hf.requires_grad_(False)
-            # the bridge, as ours has it: fp32 (from_pretrained already keeps the Q-Former and queries in fp32)
+            # bf16: the frozen parts only, as vlbridge.load does; the bridge keeps its exact fp32 weights
+            for part in (hf.vision_model.embeddings, hf.vision_model.encoder, hf.language_model):
+                part.to(dtype)
             for part in (hf.qformer, hf.language_projection, hf.vision_model.post_layernorm):
-                part.float().requires_grad_(True)
-            hf.query_tokens.data = hf.query_tokens.data.float()
+                part.requires_grad_(True)
             hf.query_tokens.requires_grad_(True)
             self.model = self.module = hf
             self.regions = {
@@ -224,6 +225,11 @@ class Side:
                 "LLM decoder (frozen)": [hf.language_model.model.decoder],
                 "LM head (frozen)": [hf.language_model.lm_head],
             }
+        # Weights may still be views of the checkpoint's memory-mapped file (how much depends on the load path):
+        # copy them into ordinary memory on both sides, so that resident memory compares like with like.
+        with torch.no_grad():
+            for t in [*self.model.parameters(), *self.model.buffers()]:
+                t.data = t.data.clone()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, OptimConfig())
         self.grad_clip = OptimConfig().grad_clip
@@ -628,7 +634,7 @@ def main() -> None:
         + "\n  wall s: per step; ratio: transformers' median / this one; CPU s: the worker's CPU time per step (all"
         "\n  threads; does not advance while descheduled, so less sensitive to the other processes on the machine);"
         "\n  peak MiB: the worker's VmHWM over its timed steps; step Δ: that minus its RSS before them; before:"
-        "\n  that RSS, anonymous + file-backed (weights still mapped from the checkpoint's safetensors file)"
+        "\n  that RSS, anonymous + file-backed (the weights were copied out of the checkpoint's mapped file)"
     )
     header = (
         f"{'precision':<9} {'implementation':<16} {'wall s':>7} {'samples/s':>9} {'ratio':>6} {'CPU s':>7} "
