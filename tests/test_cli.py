@@ -257,12 +257,28 @@ def test_run_demo(capsys, tmp_path):
 
 def test_demo_command(capsys, monkeypatch, tmp_path):
     import vlbridge.demo
+    import vlbridge.recipes.world
 
-    calls = []
-    monkeypatch.setattr(vlbridge.demo, "run_demo", lambda out_dir="runs/demo": calls.append(out_dir) or {})
+    smoke, full = [], []
+    monkeypatch.setattr(vlbridge.demo, "run_demo", lambda out_dir="runs/demo": smoke.append(out_dir) or {})
+    monkeypatch.setattr(
+        vlbridge.recipes.world, "run_world_recipe", lambda out, recipe, fresh: full.append((out, recipe, fresh))
+    )
+    assert run(capsys, "demo", "--smoke", "--out-dir", str(tmp_path))[0] == 0
+    assert smoke == [str(tmp_path)] and not full
     assert run(capsys, "demo")[0] == 0
-    assert run(capsys, "demo", "--out-dir", str(tmp_path))[0] == 0
-    assert calls == ["runs/demo", str(tmp_path)]
+    assert run(capsys, "demo", "--fresh", "stage2.steps=7", "world.n_train=50")[0] == 0
+    (out, recipe, fresh), (_, changed, fresh2) = full
+    assert out == "runs/demo" and not fresh and recipe == vlbridge.recipes.world.WorldRecipe()
+    assert fresh2 and changed.stage2.steps == 7 and changed.world.n_train == 50
+    code, _, err = run(capsys, "demo", "stage2.stepz=7")
+    assert code == 1 and "stage2.stepz" in err
+
+
+def test_world_command(capsys, tmp_path):
+    code, out, _ = run(capsys, "world", str(tmp_path), "n_train=3", "n_val=1", "n_test=1", "n_compositional=1")
+    assert code == 0 and "captions_train.jsonl" in out
+    assert len(list((tmp_path / "images" / "train").glob("*.png"))) == 3
 
 
 # ------------------------------------------------------------------------------------------------------- entry points

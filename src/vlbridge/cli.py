@@ -1,11 +1,12 @@
-"""The ``vlbridge`` command line: ``caption``, ``ask``, ``match``, ``train``, ``eval``, ``demo`` and ``serve``.
+"""The ``vlbridge`` command line: ``caption``, ``ask``, ``match``, ``train``, ``eval``, ``demo``, ``world``, ``serve``.
 
 Every command is a thin wrapper over Python functions you can call yourself:
 
 - ``caption`` → :func:`load_model` + ``Blip2.caption``
 - ``ask`` → :func:`load_model` + ``Blip2.answer``
 - ``match`` → :func:`load_model` + :func:`match_grid` (``Blip2.itm`` and ``Blip2.itc``)
-- ``demo`` → :func:`vlbridge.demo.run_demo`
+- ``demo`` → :func:`vlbridge.recipes.world.run_world_recipe` (``--smoke``: :func:`vlbridge.demo.run_demo`)
+- ``world`` → :func:`vlbridge.data.world.generate_world`
 - ``train`` / ``eval`` → ``vlbridge.training.train_main`` / ``eval_main``; ``serve`` → ``vlbridge.serving.serve_main``
   (looked up when the command runs, so they are picked up as soon as those modules provide them)
 
@@ -254,11 +255,36 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """``vlbridge demo``: see :func:`vlbridge.demo.run_demo`."""
-    from vlbridge.demo import run_demo
+def _with_overrides(cls: type, config: str | None, overrides: Sequence[str]):
+    """A config dataclass from an optional YAML file plus ``key=value`` overrides."""
+    from vlbridge.config import apply_overrides, from_dict, load_yaml
 
-    run_demo(args.out_dir)
+    if config is not None:
+        return load_yaml(cls, config, overrides)
+    return from_dict(cls, apply_overrides({}, overrides))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``vlbridge demo``: see :func:`vlbridge.recipes.world.run_world_recipe` (``--smoke``: :func:`run_demo`)."""
+    if args.smoke:
+        from vlbridge.demo import run_demo
+
+        run_demo(args.out_dir)
+        return 0
+    from vlbridge.recipes.world import WorldRecipe, run_world_recipe
+
+    recipe = _with_overrides(WorldRecipe, args.config, args.overrides)
+    run_world_recipe(args.out_dir, recipe, fresh=args.fresh)
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    """``vlbridge world OUT_DIR [key=value ...]``: see :func:`vlbridge.data.world.generate_world`."""
+    from vlbridge.data.world import WorldConfig, generate_world
+
+    paths = generate_world(args.out_dir, _with_overrides(WorldConfig, args.config, args.overrides))
+    for name, path in paths.items():
+        _emit(f"{name}\t{path}")
     return 0
 
 
@@ -410,9 +436,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_deferred)
 
-    p = sub.add_parser("demo", help="run the demo", description="Run the end-to-end demo and print a summary.")
-    p.add_argument("--out-dir", default="runs/demo", metavar="DIR", help="where to write")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole BLIP-2 recipe on the embedded synthetic world",
+        description="Generate the synthetic world, train stage 0 (frozen ViT and LM), stage 1, stage 2 and "
+        "instruction tuning, evaluate on held-out splits and write report.html. Stages are cached: a second run "
+        "only redoes what changed.",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. stage2.steps=300")
+    p.add_argument("--out-dir", default="runs/demo", metavar="DIR", help="where to write (default runs/demo)")
+    p.add_argument("--config", metavar="RECIPE.yaml", help="recipe settings (see vlbridge.recipes.world)")
+    p.add_argument("--fresh", action="store_true", help="redo every stage even if a cached result matches")
+    p.add_argument("--smoke", action="store_true", help="only a seconds-long smoke run of the API, untrained")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "world", help="generate the synthetic world", description="Write the synthetic world's PNGs and manifests."
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="world settings, e.g. n_train=1000 seed=3")
+    p.add_argument("--config", metavar="WORLD.yaml", help="world settings file")
+    p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
     p.add_argument("--model", "-m", required=True, metavar="M", help="checkpoint folder, hub id or LAVIS .pth file")

@@ -6,6 +6,17 @@ speaks its language, so stage 0 trains one from scratch on the world's text alon
 The LM never sees an image; :func:`blind_baseline` measures what it can do without one (answering from the
 question's wording alone, the same caption for every image), the floor that stages 1 and 2 must beat.
 
+A soft prompt can only steer an LM that has learnt to use what comes before its text. A web-scale LLM has read
+countless documents in which a passage (a table, a record, a description) informs the prose after it; a 0.5M-
+parameter LM trained on captions alone has not, and then no bridge can make it describe an image (measured:
+stage 2 stays at the blind baseline). So part of the world text is such documents: a *scene record* — a
+fixed-length, 27-word table of the scene, ``size colour shape`` for each of the nine grid cells in reading order,
+``empty empty empty`` where there is nothing (:func:`scene_text`) — followed by ``</s>`` and a caption or a
+question and answer about that scene. The record's word embeddings are perturbed with Gaussian noise while
+training (``scene_noise``), so the LM reads approximate embeddings, as a soft prompt gives them; the loss covers
+only the text after the record. Other sequences have no record, so the LM also speaks without one (the blind
+baseline). :func:`scene_oracle` measures what the LM does with the *true* record: the ceiling for a perfect bridge.
+
 What is written (``out_dir``)::
 
     lm/                  an OPTForCausalLM + its tokenizer in transformers format
@@ -36,7 +47,7 @@ import shutil
 import string
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,10 +64,13 @@ __all__ = [
     "PAD_TOKEN",
     "UNK_TOKEN",
     "VQA_PROMPT",
+    "SCENE_LENGTH",
     "Stage0TextConfig",
     "blind_baseline",
     "build_tokenizer",
     "load_world_texts",
+    "scene_oracle",
+    "scene_text",
     "train_language_model",
 ]
 
@@ -67,7 +81,9 @@ _WORD_SUFFIX = "</w>"
 _ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
 _RESULT_NAME = "stage0_text.json"
 _LM_NAME = "lm"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+EMPTY_CELL = "empty"  # the scene record's word for a grid cell with no object
+SCENE_LENGTH = 27  # 9 grid cells x (size, colour, shape): the soft prompt of the world recipe has as many queries
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -99,6 +115,10 @@ class Stage0TextConfig:
         grad_clip: Clip the gradient norm to this; None disables.
         position_shift_fraction: Share of training sequences that start at a random position rather than 0, so
             that every position embedding is trained: after BLIP-2's soft prompt the text starts at position 32.
+        scene_fraction: Share of each batch that starts with the scene record of the text's image (see the module
+            docstring); the rest is plain text. 0 trains a purely blind LM.
+        scene_noise: Standard deviation of the Gaussian noise added to the scene record's embeddings, as a
+            fraction of their standard deviation.
         precision: ``"bf16"`` runs forward and backward under CPU/GPU bf16 autocast (weights and optimiser stay
             fp32); ``"fp32"`` does not.
         max_vocab_size: Upper bound on the BPE vocabulary (training stops earlier once every word is one token).
@@ -131,6 +151,8 @@ class Stage0TextConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = 1.0
     position_shift_fraction: float = 0.5
+    scene_fraction: float = 0.5
+    scene_noise: float = 0.5
     precision: Literal["fp32", "bf16"] = "bf16"
     max_vocab_size: int = 2000
     val_max_sequences: int | None = 2000
@@ -168,6 +190,8 @@ class Stage0TextConfig:
             )
         if not 0 <= self.val_shift < self.max_positions:
             raise ConfigError(f"stage0_text.val_shift must be in [0, max_positions), got {self.val_shift}")
+        if not 0.0 <= self.scene_fraction <= 1.0 or self.scene_noise < 0:
+            raise ConfigError("stage0_text.scene_fraction must be in [0, 1] and scene_noise >= 0")
         if not 0.0 <= self.caption_fraction <= 1.0:
             raise ConfigError(f"stage0_text.caption_fraction must be in [0, 1], got {self.caption_fraction}")
         if self.precision not in ("fp32", "bf16"):
@@ -226,6 +250,37 @@ def load_world_texts(world_dir: str | os.PathLike, split: str = "train") -> dict
     return {
         "captions": _caption_texts(_read_jsonl(world_dir / f"captions_{split}.jsonl")),
         "vqa": _vqa_texts(_read_jsonl(world_dir / f"vqa_{split}.jsonl")),
+    }
+
+
+def scene_text(objects: Sequence[Mapping[str, str]]) -> str:
+    """The scene record of a list of object facts: ``size colour shape`` per grid cell in reading order.
+
+    >>> scene_text([{"shape": "star", "colour": "red", "size": "large", "x": "centre", "y": "middle"}]).split()[12:15]
+    ['large', 'red', 'star']
+    """
+    from vlbridge.data.world import COLUMNS, ROWS
+
+    cells = [[EMPTY_CELL] * 3 for _ in range(len(ROWS) * len(COLUMNS))]
+    for obj in objects:
+        cell = ROWS.index(obj["y"]) * len(COLUMNS) + COLUMNS.index(obj["x"])
+        cells[cell] = [obj["size"], obj["colour"], obj["shape"]]
+    return " ".join(word for cell in cells for word in cell)
+
+
+def load_scene_texts(world_dir: str | os.PathLike, split: str = "train") -> dict[str, list[tuple[str, str]]]:
+    """``(scene record, text)`` pairs of one split: every caption and every question with its image's record.
+
+    Returns:
+        ``{"captions": [(scene, caption), ...], "vqa": [(scene, "Question: ... Answer: ..."), ...]}``.
+    """
+    world_dir = Path(world_dir)
+    captions = _read_jsonl(world_dir / f"captions_{split}.jsonl")
+    scenes = {r["image_id"]: scene_text(r["objects"]) for r in captions}
+    questions = [r for r in _read_jsonl(world_dir / f"vqa_{split}.jsonl") if r.get("image_id") in scenes]
+    return {
+        "captions": [(scenes[r["image_id"]], text) for r in captions for text in _caption_texts([r])],
+        "vqa": [(scenes[r["image_id"]], text) for r, text in zip(questions, _vqa_texts(questions))],
     }
 
 
@@ -325,6 +380,29 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def _encode_with_scene(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[list[int]]:
+    """``scene record + </s> text </s>`` ids; the record is exactly ``SCENE_LENGTH`` tokens."""
+    scenes = tokenizer.backend_tokenizer.encode_batch([scene for scene, _ in pairs], add_special_tokens=False)
+    texts = _encode(tokenizer, [text for _, text in pairs], max_length - SCENE_LENGTH)
+    rows = []
+    for scene, text in zip(scenes, texts):
+        if len(scene.ids) != SCENE_LENGTH:
+            raise InputError(f"a scene record must be {SCENE_LENGTH} tokens, got {len(scene.ids)}")
+        rows.append(scene.ids + text)
+    return rows
+
+
+def _take_mixed(streams: dict[str, _Stream], prefix: str, n: int, caption_fraction: float) -> list[list[int]]:
+    """``n`` rows from the ``{prefix}captions`` and ``{prefix}vqa`` streams, captions in ``caption_fraction``."""
+    captions, vqa = streams.get(f"{prefix}captions"), streams.get(f"{prefix}vqa")
+    if n == 0 or (captions is None and vqa is None):
+        return []
+    if captions is None or vqa is None:
+        return (captions or vqa).take(n)
+    n_captions = round(n * caption_fraction)
+    return captions.take(n_captions) + vqa.take(n - n_captions)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 
@@ -378,22 +456,45 @@ def _position_ids(mask: torch.Tensor, offsets: torch.Tensor, max_positions: int)
 
 
 def _token_nll(
-    model, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
+    noise: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL over the real tokens after the first, and their count."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1].float()
+    """Summed next-token NLL over the real tokens after the first, and their count.
+
+    ``context`` (B,) gives each row's scene-record length: those leading tokens are read, never predicted, and get
+    Gaussian noise of ``noise`` times their embeddings' standard deviation.
+    """
+    embeds = model.get_input_embeddings()(ids)  # (B, T, D)
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    if context is not None:
+        in_context = torch.arange(ids.shape[1], device=ids.device)[None, :] < context[:, None].to(ids.device)  # (B, T)
+        targets = targets.masked_fill(in_context[:, 1:], -100)
+        if noise > 0 and bool(in_context.any()):
+            scale = noise * embeds[in_context].detach().float().std()
+            embeds = embeds + torch.randn_like(embeds) * scale * in_context[..., None]
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
     return loss, (targets != -100).sum()
 
 
 @torch.no_grad()
 def _evaluate(
-    model, rows: list[list[int]], pad_id: int, config: Stage0TextConfig, device: torch.device, shift: int = 0
+    model,
+    rows: list[list[int]],
+    pad_id: int,
+    config: Stage0TextConfig,
+    device: torch.device,
+    shift: int = 0,
+    context: int = 0,
 ) -> tuple[float, int]:
     """Summed next-token NLL (nats) over ``rows`` and the number of tokens scored.
 
     ``shift`` starts every row at that position (or as late as fits) instead of 0, as text after a soft prompt is.
+    ``context``: every row starts with a scene record of that many tokens, read but not scored (no noise).
     """
     was_training = model.training
     model.eval()
@@ -406,8 +507,9 @@ def _evaluate(
         if shift:
             offsets = torch.tensor([min(shift, config.max_positions - len(row)) for row in batch])
             positions = _position_ids(mask, offsets, config.max_positions).to(device)
+        contexts = torch.full((len(batch),), context) if context else None
         with _autocast(device, config.precision):
-            loss, n = _token_nll(model, ids.to(device), mask.to(device), positions)
+            loss, n = _token_nll(model, ids.to(device), mask.to(device), positions, contexts)
         total, count = total + float(loss), count + int(n)
     model.train(was_training)
     return total, count
@@ -566,10 +668,14 @@ def train_language_model(
     has_val = (world_dir / "captions_val.jsonl").is_file() and (world_dir / "vqa_val.jsonl").is_file()
     val_text = load_world_texts(world_dir, "val") if has_val else {"captions": [], "vqa": []}
 
+    scene_text_pairs = load_scene_texts(world_dir, "train") if config.scene_fraction > 0 else {}
+    scenes = sorted({scene for pairs in scene_text_pairs.values() for scene, _ in pairs})
     tokenizer = build_tokenizer(
-        train_texts, max_vocab_size=config.max_vocab_size, model_max_length=config.max_positions
+        [*train_texts, *scenes], max_vocab_size=config.max_vocab_size, model_max_length=config.max_positions
     )
     train_rows = {key: _encode(tokenizer, texts, config.max_positions) for key, texts in train_text.items()}
+    for key, pairs in scene_text_pairs.items():  # scene record (27 ids, no special tokens) + </s> text </s>
+        train_rows[f"scene_{key}"] = _encode_with_scene(tokenizer, pairs, config.max_positions)
     val_rows = {
         key: _encode(tokenizer, texts, config.max_positions) if texts else [] for key, texts in val_text.items()
     }
@@ -590,7 +696,7 @@ def train_language_model(
         optimizer = _optimizer(model, config)
         generator = torch.Generator().manual_seed(config.seed)
         streams = {key: _Stream(rows, generator) for key, rows in train_rows.items() if rows}
-        n_captions = round(config.batch_size * config.caption_fraction) if len(streams) == 2 else None
+        n_scene = round(config.batch_size * config.scene_fraction) if "scene_captions" in streams else 0
         pad_id = tokenizer.pad_token_id
 
         curve: list[dict[str, float]] = []
@@ -598,23 +704,23 @@ def train_language_model(
         window, last_loss = [], float("nan")
         train_start, train_cpu_start = time.perf_counter(), time.process_time()
         for step in range(config.steps):
-            if n_captions is None:  # only one kind of text
-                batch = next(iter(streams.values())).take(config.batch_size)
-            else:
-                batch = streams["captions"].take(n_captions) + streams["vqa"].take(config.batch_size - n_captions)
+            plain = _take_mixed(streams, "", config.batch_size - n_scene, config.caption_fraction)
+            with_scene = _take_mixed(streams, "scene_", n_scene, config.caption_fraction)
+            batch = plain + with_scene
             ids, mask = _pad(batch, pad_id)
-            # Some rows start at a random position instead of 0, so that every position embedding is trained: in
-            # BLIP-2 the text follows the soft prompt (32 query tokens in the paper) and starts that much later.
+            context = torch.tensor([0] * len(plain) + [SCENE_LENGTH] * len(with_scene))
+            # Some plain rows start at a random position instead of 0, so that every position embedding is trained:
+            # in BLIP-2 the text follows the soft prompt (32 query tokens in the paper) and starts that much later.
             room = torch.tensor([config.max_positions - len(row) for row in batch])
             offsets = (torch.rand(len(batch), generator=generator) * (room + 1)).long()
-            offsets *= torch.rand(len(batch), generator=generator) < config.position_shift_fraction
+            offsets *= (torch.rand(len(batch), generator=generator) < config.position_shift_fraction) & (context == 0)
             positions = _position_ids(mask, offsets, config.max_positions)
             ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
             lr = _lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(device, config.precision):
-                loss_sum, count = _token_nll(model, ids, mask, positions)
+                loss_sum, count = _token_nll(model, ids, mask, positions, context, config.scene_noise)
             loss = loss_sum / count
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -637,6 +743,12 @@ def train_language_model(
         eval_start = time.perf_counter()
         val = {key: _evaluate(model, rows, pad_id, config, device) for key, rows in val_rows.items()}
         val_shifted = _evaluate(model, val_rows["captions"] + val_rows["vqa"], pad_id, config, device, config.val_shift)
+        val_scene = None
+        if scene_text_pairs and has_val:
+            pairs = load_scene_texts(world_dir, "val")
+            pairs = {key: value[: config.val_max_sequences] for key, value in pairs.items()}
+            rows = [r for value in pairs.values() for r in _encode_with_scene(tokenizer, value, config.max_positions)]
+            val_scene = _evaluate(model, rows, pad_id, config, device, context=SCENE_LENGTH)
         eval_time = time.perf_counter() - eval_start
 
     model.eval()
@@ -661,6 +773,7 @@ def train_language_model(
         "val_caption_perplexity": _perplexity(val["captions"]),
         "val_vqa_perplexity": _perplexity(val["vqa"]),
         "val_perplexity_shifted": _perplexity(val_shifted),
+        "val_scene_perplexity": _perplexity(val_scene) if val_scene else None,
         "loss_curve": curve,
         "time_s": {
             "tokenizer": tokenizer_time,
@@ -714,10 +827,20 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def _greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of ``prompts`` (each gets ``</s>`` prepended), decoded without special tokens."""
+def _greedy(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    prefixes: Sequence[Sequence[int]] | None = None,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (each gets ``</s>`` prepended, and ``prefixes[i]`` before that),
+    decoded without special tokens."""
     device = next(model.parameters()).device
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if prefixes is not None:
+        encoded = [list(prefix) + row for prefix, row in zip(prefixes, encoded)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -783,6 +906,52 @@ def blind_baseline(
     Raises:
         InputError: If a manifest is empty or unreadable.
     """
+    return _lm_answers(
+        lm_dir, vqa_manifest, captions_manifest, scenes=False, batch_size=batch_size,
+        max_answer_tokens=max_answer_tokens, max_caption_tokens=max_caption_tokens, limit=limit, device=device,
+        num_threads=num_threads,
+    )  # fmt: skip
+
+
+def scene_oracle(
+    lm_dir: str | os.PathLike,
+    vqa_manifest: str | os.PathLike,
+    captions_manifest: str | os.PathLike,
+    *,
+    batch_size: int = 256,
+    max_answer_tokens: int = 10,
+    max_caption_tokens: int = 20,
+    limit: int | None = None,
+    device: str = "cpu",
+    num_threads: int | None = 1,
+) -> dict[str, Any]:
+    """The ceiling: what the frozen LM says when it reads each image's *true* scene record (:func:`scene_text`).
+
+    The same prompts, arguments and return value as :func:`blind_baseline`, except that every prompt is preceded by
+    the record of its image (so captions differ per image and ``captions["caption"]`` is None). A bridge whose soft
+    prompt carried every fact of the image perfectly would score this. VQA records need an ``image_id`` that the
+    captions manifest (with ``objects``) also has.
+    """
+    return _lm_answers(
+        lm_dir, vqa_manifest, captions_manifest, scenes=True, batch_size=batch_size,
+        max_answer_tokens=max_answer_tokens, max_caption_tokens=max_caption_tokens, limit=limit, device=device,
+        num_threads=num_threads,
+    )  # fmt: skip
+
+
+def _lm_answers(
+    lm_dir: str | os.PathLike,
+    vqa_manifest: str | os.PathLike,
+    captions_manifest: str | os.PathLike,
+    *,
+    scenes: bool,
+    batch_size: int,
+    max_answer_tokens: int,
+    max_caption_tokens: int,
+    limit: int | None,
+    device: str,
+    num_threads: int | None,
+) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vlbridge.data.world import fact_accuracy
@@ -804,10 +973,27 @@ def blind_baseline(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
+    question_prefixes = caption_prefixes = None
+    if scenes:
+        records = {r.get("image_id"): r for r in _read_jsonl(Path(captions_manifest)) if "objects" in r}
+        missing = [r.get("question_id") for r in questions if r.get("image_id") not in records]
+        if missing or len(records) < len(caption_records):
+            raise InputError(f"scene_oracle needs every image's objects in {captions_manifest}")
+        record_ids = {
+            key: tokenizer(scene_text(r["objects"]), add_special_tokens=False)["input_ids"]
+            for key, r in records.items()
+        }
+        question_prefixes = [record_ids[r["image_id"]] for r in questions]
+        caption_prefixes = [record_ids[r["image_id"]] for r in caption_records]
+
     prompts = [VQA_PROMPT.format(r["question"]) for r in questions]
     with _torch_threads(num_threads):
-        answers = _greedy(model, tokenizer, prompts, max_answer_tokens, batch_size)
-        caption = _greedy(model, tokenizer, [""], max_caption_tokens, 1)[0]  # "" is "</s>" alone
+        answers = _greedy(model, tokenizer, prompts, max_answer_tokens, batch_size, question_prefixes)
+        if scenes:
+            captions = _greedy(model, tokenizer, [""] * len(caption_records), max_caption_tokens, batch_size,
+                               caption_prefixes)  # fmt: skip
+        else:
+            captions = _greedy(model, tokenizer, [""], max_caption_tokens, 1) * len(caption_records)  # "</s>" alone
     types = [r.get("question_type", "all") for r in questions]
     scores = evaluate_vqa(answers, [r["answers"] for r in questions], types)
     vqa_predictions = [
@@ -816,12 +1002,11 @@ def blind_baseline(
     ]
 
     caption_predictions = [
-        {"image_id": r.get("image_id"), "image": r.get("image"), "caption": caption} for r in caption_records
+        {"image_id": r.get("image_id"), "image": r.get("image"), "caption": c}
+        for r, c in zip(caption_records, captions)
     ]
-    with_objects = [r for r in caption_records if "objects" in r]
-    fact_f1 = (
-        sum(fact_accuracy(caption, r["objects"]) for r in with_objects) / len(with_objects) if with_objects else None
-    )
+    scored = [(r, c) for r, c in zip(caption_records, captions) if "objects" in r]
+    fact_f1 = sum(fact_accuracy(c, r["objects"]) for r, c in scored) / len(scored) if scored else None
     return {
         "vqa": {
             "accuracy": scores["accuracy"],
@@ -831,7 +1016,7 @@ def blind_baseline(
             "predictions": vqa_predictions,
         },
         "captions": {
-            "caption": caption,
+            "caption": None if scenes else captions[0],
             "count": len(caption_predictions),
             "fact_f1": fact_f1,
             "predictions": caption_predictions,

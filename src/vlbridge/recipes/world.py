@@ -1,0 +1,530 @@
+"""The embedded default: the whole BLIP-2 recipe on the synthetic world, end to end, with an HTML report.
+
+Nothing is downloaded. Every frozen part is trained here first (stage 0), saved in transformers formats and then
+loaded through exactly the code path a hub model takes:
+
+1. **world** — :func:`vlbridge.data.world.generate_world`: PNG images of coloured shapes, JSONL caption and VQA
+   manifests, train / val / test / compositional splits.
+2. **stage 0, vision** — a small ViT trained CLIP-style against a small text encoder
+   (:func:`vlbridge.training.stage0_vision.train_vision_encoder`), saved as a ``CLIPVisionModel`` folder. Frozen.
+3. **stage 0, text** — a BPE tokenizer and a small OPT trained on world text
+   (:func:`vlbridge.training.stage0_text.train_language_model`). Frozen.
+4. **stage 1** — the Q-Former learns to read the frozen image features: ITC + ITM + ITG on the training captions,
+   reading the frozen features from a feature cache (computed once).
+5. **stage 2** — the Q-Former and a projection become a 27-token soft prompt for the frozen OPT, trained on the
+   captions (language-modelling loss on the caption only).
+6. **instruction tuning** — InstructBLIP: the prompt (a question, or nothing for a caption) also goes into the
+   Q-Former; trained on captions and questions together.
+7. **evaluation** on the held-out in-distribution (test) and compositional splits: retrieval (ITC, then ITM
+   re-ranking) with the stage-1 model; captions (CIDEr, BLEU-4, fact F1) and VQA accuracy (official metric) with
+   the stage-2 and instruction-tuned models; against chance, the blind LM (no image) and the LM reading the true
+   scene record (the ceiling a perfect bridge would reach).
+8. **report** — ``report.html``: a self-contained page with sample images, generated captions and answers,
+   retrieval examples, metric tables and loss curves.
+
+Every stage's result is cached under ``out_dir`` with a key of its settings and of every stage before it, so a
+second run only redoes what changed; ``fresh=True`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vlbridge.data.world import WorldConfig
+from vlbridge.errors import ConfigError, InputError
+from vlbridge.training.stage0_text import SCENE_LENGTH, Stage0TextConfig
+from vlbridge.training.stage0_vision import Stage0VisionConfig
+
+__all__ = ["BridgeTraining", "WorldRecipe", "run_world_recipe"]
+
+_FORMAT_VERSION = 1
+_STAGE_FILE = "stage.json"
+# Words the prompts add to the world's vocabulary (the Q-Former reads them when instruction-aware).
+_PROMPT_WORDS = ("question", "answer", "short", ":", "?", ",", ".")
+
+
+@dataclass
+class BridgeTraining:
+    """How one bridge stage (1, 2 or instruction tuning) trains.
+
+    Attributes:
+        steps: Optimiser steps.
+        batch_size: Samples per step.
+        lr: Peak learning rate (after linear warmup; cosine decay to ``min_lr``).
+        min_lr: Final learning rate.
+        warmup_steps: Linear warmup steps.
+        weight_decay: AdamW weight decay.
+    """
+
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 5e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+
+
+@dataclass
+class WorldRecipe:
+    """Everything that determines the embedded default run (round-trips to YAML with :mod:`vlbridge.config`).
+
+    Attributes:
+        seed: Seed of the bridge stages (the world and stage 0 have their own).
+        world: The synthetic world.
+        vision: Stage-0 vision encoder (CLIP-style).
+        text: Stage-0 language model.
+        qformer: Q-Former architecture (``QFormerConfig`` fields).
+        cross_attention_frequency: A cross-attention block every this many Q-Former layers.
+        embed_dim: Width of the stage-1 ITC embedding.
+        stage1: Stage-1 training (ITC + ITM + ITG).
+        stage2: Stage-2 training (captions through the frozen LM).
+        instruct: Instruction tuning (captions and VQA, instruction-aware Q-Former).
+        precision: Autocast precision of the bridge stages.
+        retrieval_k: ITC candidates per query re-ranked by ITM.
+        eval_images: Held-out images per split to evaluate (None: all).
+        gallery: Example images shown per split in the report.
+    """
+
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    vision: Stage0VisionConfig = field(default_factory=Stage0VisionConfig)
+    text: Stage0TextConfig = field(default_factory=Stage0TextConfig)
+    qformer: dict[str, Any] = field(
+        default_factory=lambda: {
+            "hidden_size": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "intermediate_size": 256,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+        }
+    )
+    cross_attention_frequency: int = 1
+    embed_dim: int = 128
+    stage1: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=400))
+    stage2: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=600))
+    instruct: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=600))
+    precision: Literal["fp32", "bf16"] = "bf16"
+    retrieval_k: int = 16
+    eval_images: int | None = None
+    gallery: int = 12
+
+    def validate(self) -> None:
+        """Raise ConfigError if a setting is out of range."""
+        self.world.validate()
+        self.vision.validate()
+        self.text.validate()
+        for name in ("stage1", "stage2", "instruct"):
+            stage = getattr(self, name)
+            if stage.steps < 1 or stage.batch_size < 2:
+                raise ConfigError(f"{name}: steps must be >= 1 and batch_size >= 2")
+        if self.retrieval_k < 1 or self.gallery < 0 or (self.eval_images is not None and self.eval_images < 1):
+            raise ConfigError("retrieval_k and eval_images must be >= 1, gallery >= 0")
+        if self.text.scene_fraction <= 0:
+            raise ConfigError("text.scene_fraction must be > 0: the frozen LM must learn to read a scene record")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage caching
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class _Stages:
+    """Runs each stage once per key: a stage whose folder holds ``stage.json`` with the same key is skipped."""
+
+    def __init__(self, out_dir: Path, fresh: bool, log: Callable[[str], None]) -> None:
+        self.out_dir, self.fresh, self.log = out_dir, fresh, log
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def run(self, name: str, key: str, fn: Callable[[Path], dict[str, Any]], title: str) -> dict[str, Any]:
+        folder = self.out_dir / name
+        marker = folder / _STAGE_FILE
+        if not self.fresh:
+            with contextlib.suppress(OSError, ValueError):
+                saved = json.loads(marker.read_text())
+                if saved.get("key") == key and saved.get("format_version") == _FORMAT_VERSION:
+                    self.log(f"[{name}] {title}: cached ({saved['seconds']:.0f} s when it ran)")
+                    self.results[name] = {**saved["result"], "cached": True, "seconds": saved["seconds"]}
+                    return self.results[name]
+        self.log(f"[{name}] {title} ...")
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)
+        started = time.perf_counter()
+        result = fn(folder)
+        seconds = time.perf_counter() - started
+        _write_json(marker, {"format_version": _FORMAT_VERSION, "key": key, "seconds": seconds, "result": result})
+        self.log(f"[{name}] done in {seconds:.0f} s")
+        self.results[name] = {**json.loads(json.dumps(result, default=str)), "cached": False, "seconds": seconds}
+        return self.results[name]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The bridge stages
+
+
+def _train_config(recipe: WorldRecipe, stage: str, folder: Path, paths: dict[str, Path], progress: bool):
+    from vlbridge.config import from_dict
+    from vlbridge.training.recipe import TrainConfig
+
+    settings: BridgeTraining = getattr(recipe, stage)
+    world = paths["world"]
+    model: dict[str, Any] = {
+        "vision": str(paths["vision"]),
+        "vision_layer": -2,
+        "tokenizer": str(paths["qformer_tokenizer"]),
+        "qformer": dict(recipe.qformer),
+        "num_query_tokens": SCENE_LENGTH,
+        "cross_attention_frequency": recipe.cross_attention_frequency,
+        "embed_dim": recipe.embed_dim if stage == "stage1" else None,
+    }
+    data: dict[str, Any] = {
+        "train": [str(world / "captions_train.jsonl")],
+        "batch_size": settings.batch_size,
+        "num_workers": 0,
+        "augment": False,  # captions name left and right, top and bottom: no flips, no crops
+        "hflip": 0.0,
+        "max_text_length": 32,
+        "feature_cache": str(paths["feature_cache"]),
+    }
+    if stage != "stage1":
+        model |= {"language_model": str(paths["lm"]), "init_from": str(paths["init_from"])}
+    if stage == "instruct":
+        model["instruct"] = True
+        data["vqa"] = [str(world / "vqa_train.jsonl")]
+    raw = {
+        "stage": "stage1" if stage == "stage1" else "stage2",
+        "model": model,
+        "data": data,
+        "optim": {
+            "lr": settings.lr,
+            "min_lr": settings.min_lr,
+            "warmup_steps": settings.warmup_steps,
+            "weight_decay": settings.weight_decay,
+        },
+        "run": {
+            "output_dir": str(folder),
+            "max_steps": settings.steps,
+            "save_every": settings.steps,
+            "log_every": 10,
+            "seed": recipe.seed,
+            "precision": recipe.precision,
+            "progress": progress,
+        },
+    }
+    return from_dict(TrainConfig, raw)
+
+
+def _train_bridge(cfg, folder: Path) -> dict[str, Any]:
+    import csv
+
+    from vlbridge.training.loop import train
+
+    summary = train(cfg)
+    with open(folder / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    curve = {
+        name: [[int(r["step"]), float(r[name])] for r in rows if r.get(name) not in (None, "")]
+        for name in rows[0]
+        if name.startswith("loss")
+    } if rows else {}  # fmt: skip
+    return {"model": str(folder / "model"), "final": summary["final"], "train_seconds": summary["seconds"],
+            "curves": curve}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _split_records(world: Path, split: str, limit: int | None) -> tuple[list[dict], list[dict]]:
+    images = _read_jsonl(world / f"captions_{split}.jsonl")[:limit]
+    keep = {r["image_id"] for r in images}
+    questions = [q for q in _read_jsonl(world / f"vqa_{split}.jsonl") if q["image_id"] in keep]
+    return images, questions
+
+
+def _retrieval(model, world: Path, images: list[dict], k: int, progress: bool) -> dict[str, Any]:
+    from vlbridge.data.datasets import CaptionRecord
+    from vlbridge.inference.retrieval import evaluate_retrieval
+
+    # one query per image: its first reference, which names every object with its size and place
+    records = [CaptionRecord(image=world / r["image"], caption=r["caption"], image_id=r["image_id"]) for r in images]
+    return evaluate_retrieval(model, records, k=min(k, len(records)), progress=progress, n_examples=6)
+
+
+def _generate(model, world: Path, images: list[dict], questions: list[dict], batch: int = 64) -> dict[str, list[str]]:
+    captions: list[str] = []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        captions += model.caption([world / r["image"] for r in chunk], max_new_tokens=30)
+    answers: list[str] = []
+    for start in range(0, len(questions), batch):
+        chunk = questions[start : start + batch]
+        answers += model.answer([world / r["image"] for r in chunk], [r["question"] for r in chunk], max_new_tokens=5)
+    return {"captions": captions, "answers": answers}
+
+
+def _score(images: list[dict], questions: list[dict], captions: list[str], answers: list[str]) -> dict[str, Any]:
+    from vlbridge.data.world import fact_accuracy
+    from vlbridge.eval.captioning import caption_metrics
+    from vlbridge.eval.vqa import evaluate_vqa
+
+    references = {r["image_id"]: r["captions"] for r in images}
+    predicted = {r["image_id"]: c for r, c in zip(images, captions)}
+    # World text is lowercase words without punctuation, so the Python PTB tokenizer gives the Java one's tokens;
+    # METEOR (a Java process, about 8 s per call here) is left out.
+    metrics = caption_metrics(predicted, references, metrics=("BLEU", "ROUGE_L", "CIDEr"), tokenizer="python")
+    facts = [fact_accuracy(c, r["objects"]) for r, c in zip(images, captions)]
+    vqa = evaluate_vqa(answers, [q["answers"] for q in questions], [q["question_type"] for q in questions])
+    return {
+        "caption": {**metrics, "fact_f1": sum(facts) / len(facts)},
+        "vqa": {key: vqa[key] for key in ("accuracy", "per_type", "count")},
+        "fact_f1_per_image": facts,
+    }
+
+
+def _evaluate(paths: dict[str, Path], recipe: WorldRecipe, folder: Path, progress: bool, log) -> dict[str, Any]:
+    import vlbridge
+    from vlbridge.training.stage0_text import blind_baseline, scene_oracle
+
+    world = paths["world"]
+    results: dict[str, Any] = {}
+    models = {name: vlbridge.load(paths[name]) for name in ("stage1", "stage2", "instruct")}
+    for split in ("test", "compositional"):
+        images, questions = _split_records(world, split, recipe.eval_images)
+        if not images:
+            continue
+        log(f"  {split}: {len(images)} images, {len(questions)} questions")
+        split_result: dict[str, Any] = {"images": len(images), "questions": len(questions)}
+        split_result["retrieval"] = _retrieval(models["stage1"], world, images, recipe.retrieval_k, progress)
+        outputs = {}
+        for name in ("stage2", "instruct"):
+            outputs[name] = _generate(models[name], world, images, questions)
+            split_result[name] = _score(images, questions, outputs[name]["captions"], outputs[name]["answers"])
+        manifests = (world / f"vqa_{split}.jsonl", world / f"captions_{split}.jsonl")
+        kwargs = {"limit": None}
+        for name, fn in (("blind", blind_baseline), ("oracle", scene_oracle)):
+            raw = fn(paths["lm"], *manifests, **kwargs)
+            keep_q = {q["question_id"] for q in questions}
+            keep_i = {r["image_id"] for r in images}
+            caps = {p["image_id"]: p["caption"] for p in raw["captions"]["predictions"] if p["image_id"] in keep_i}
+            ans = {p["question_id"]: p["answer"] for p in raw["vqa"]["predictions"] if p["question_id"] in keep_q}
+            split_result[name] = _score(
+                images, questions, [caps[r["image_id"]] for r in images], [ans[q["question_id"]] for q in questions]
+            )
+            outputs[name] = {"captions": [caps[r["image_id"]] for r in images]}
+        # a few examples for the report
+        rng = random.Random(0)
+        shown = rng.sample(range(len(images)), min(recipe.gallery, len(images)))
+        by_image: dict[str, list[int]] = {}
+        for i, q in enumerate(questions):
+            by_image.setdefault(q["image_id"], []).append(i)
+        split_result["examples"] = [
+            {
+                "image": str(world / images[i]["image"]),
+                "image_id": images[i]["image_id"],
+                "reference": images[i]["caption"],
+                "captions": {name: outputs[name]["captions"][i] for name in outputs},
+                "fact_f1": split_result["instruct"]["fact_f1_per_image"][i],
+                "qa": [
+                    {
+                        "question": questions[j]["question"],
+                        "answer": outputs["instruct"]["answers"][j],
+                        "truth": questions[j]["answers"][0],
+                    }
+                    for j in by_image.get(images[i]["image_id"], [])[:3]
+                ],
+            }
+            for i in shown
+        ]
+        for name in ("stage2", "instruct", "blind", "oracle"):
+            split_result[name].pop("fact_f1_per_image")
+        results[split] = split_result
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole recipe
+
+
+def run_world_recipe(
+    out_dir: str | os.PathLike = "runs/demo",
+    recipe: WorldRecipe | None = None,
+    *,
+    fresh: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Run the embedded default end to end (see the module docstring) and write ``out_dir/report.html``.
+
+    Args:
+        out_dir: Where every stage's output, ``summary.json`` and ``report.html`` go.
+        recipe: The settings; defaults to ``WorldRecipe()`` (about 10 minutes on a 2-core CPU).
+        fresh: Redo every stage even when a cached result matches.
+        progress: Show progress bars.
+        verbose: Print a line per stage and the final summary.
+
+    Returns:
+        ``{"out_dir", "report", "summary", "stages": {name: result}, "metrics": {split: ...}, "seconds"}``.
+    """
+    from vlbridge.data.world import world_vocabulary
+    from vlbridge.recipes.tokenizers import build_bert_tokenizer
+    from vlbridge.training.stage0_text import train_language_model
+    from vlbridge.training.stage0_vision import train_vision_encoder
+
+    recipe = recipe or WorldRecipe()
+    recipe.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log = print if verbose else (lambda _message: None)
+    stages = _Stages(out, fresh, log)
+    paths: dict[str, Path] = {"world": out / "world"}
+
+    with _quiet_transformers():
+        world_key = _key(asdict(recipe.world))
+        stages.run("world", world_key, lambda f: _world(f, recipe.world, progress), "generating the world")
+
+        vision_key = _key(world_key, asdict(recipe.vision))
+        vision = stages.run(
+            "stage0_vision",
+            vision_key,
+            lambda f: _stage0_vision(train_vision_encoder, paths["world"], f, recipe.vision, progress, fresh),
+            "stage 0: CLIP-style vision encoder",
+        )
+        paths["vision"] = Path(vision["vision_dir"])
+
+        text_key = _key(world_key, asdict(recipe.text))
+        text = stages.run(
+            "stage0_text",
+            text_key,
+            lambda f: _stage0_text(train_language_model, paths["world"], f, recipe.text, progress, fresh),
+            "stage 0: language model",
+        )
+        paths["lm"] = Path(text["lm_dir"])
+
+        paths["qformer_tokenizer"] = build_bert_tokenizer(
+            [*world_vocabulary(), *_PROMPT_WORDS], out / "qformer_tokenizer"
+        )
+        paths["feature_cache"] = out / "feature_cache"
+        bridge = _key(vision_key, text_key, recipe.seed, recipe.qformer, recipe.cross_attention_frequency,
+                      recipe.precision)  # fmt: skip
+        keys = {"stage1": _key(bridge, recipe.embed_dim, asdict(recipe.stage1))}
+        keys["stage2"] = _key(keys["stage1"], asdict(recipe.stage2))
+        keys["instruct"] = _key(keys["stage2"], asdict(recipe.instruct))
+        titles = {
+            "stage1": "stage 1: Q-Former representation learning (ITC + ITM + ITG)",
+            "stage2": "stage 2: generative learning through the frozen LM",
+            "instruct": "instruction tuning (instruction-aware Q-Former, captions + VQA)",
+        }
+        previous = None
+        for stage in ("stage1", "stage2", "instruct"):
+            if previous is not None:
+                paths["init_from"] = paths[previous]
+            cfg = _train_config(recipe, stage, out / stage, paths, progress)
+            result = stages.run(stage, keys[stage], lambda f, cfg=cfg: _train_bridge(cfg, f), titles[stage])
+            paths[stage] = Path(result["model"])
+            previous = stage
+
+        eval_key = _key(keys["instruct"], recipe.retrieval_k, recipe.eval_images, recipe.gallery)
+        metrics = stages.run(
+            "evaluate",
+            eval_key,
+            lambda f: _evaluate(paths, recipe, f, progress, log),
+            "evaluating on the held-out splits",
+        )
+
+    seconds = time.perf_counter() - started
+    from vlbridge.recipes.world_report import summary_lines, write_report
+
+    report = write_report(out / "report.html", recipe, stages.results, seconds)
+    result = {
+        "out_dir": str(out),
+        "report": str(report),
+        "stages": stages.results,
+        "metrics": {split: _headline(m) for split, m in metrics.items() if isinstance(m, dict) and "retrieval" in m},
+        "seconds": seconds,
+    }
+    result["summary"] = str(out / "summary.json")
+    _write_json(out / "summary.json", {k: v for k, v in result.items() if k != "stages"})
+    if verbose:
+        print("\n".join(summary_lines(result)))
+    return result
+
+
+def _headline(m: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the issue asks for, per split."""
+    retrieval = m["retrieval"]["metrics"]
+    return {
+        "text_to_image_r1_itc": retrieval["itc"]["img_r1"],
+        "text_to_image_r1_itm": retrieval.get("itm", {}).get("img_r1"),
+        "image_to_text_r1_itm": retrieval.get("itm", {}).get("txt_r1"),
+        "chance_r1": 1 / m["images"],
+        "vqa_accuracy": m["instruct"]["vqa"]["accuracy"],
+        "vqa_accuracy_stage2_zero_shot": m["stage2"]["vqa"]["accuracy"],
+        "vqa_accuracy_blind": m["blind"]["vqa"]["accuracy"],
+        "vqa_accuracy_oracle": m["oracle"]["vqa"]["accuracy"],
+        "cider": m["instruct"]["caption"].get("CIDEr"),
+        "cider_stage2": m["stage2"]["caption"].get("CIDEr"),
+        "fact_f1": m["instruct"]["caption"]["fact_f1"],
+        "fact_f1_stage2": m["stage2"]["caption"]["fact_f1"],
+        "fact_f1_blind": m["blind"]["caption"]["fact_f1"],
+        "fact_f1_oracle": m["oracle"]["caption"]["fact_f1"],
+    }
+
+
+def _world(folder: Path, config: WorldConfig, progress: bool) -> dict[str, Any]:
+    from vlbridge.data.world import generate_world
+
+    paths = generate_world(folder, config, progress=progress)
+    return {"manifests": {k: str(v) for k, v in paths.items()}, "held_out": [list(p) for p in config.held_out_pairs()]}
+
+
+def _stage0_vision(train, world: Path, folder: Path, config: Stage0VisionConfig, progress: bool, fresh: bool):
+    result = train(world, folder, config=config, progress=progress, fresh=fresh)
+    if not Path(result["vision_dir"]).is_dir():
+        raise InputError(f"stage 0 vision wrote no model at {result['vision_dir']}")
+    return result
+
+
+def _stage0_text(train, world: Path, folder: Path, config: Stage0TextConfig, progress: bool, fresh: bool):
+    return train(world, folder, config=config, progress=progress, fresh=fresh)
+
