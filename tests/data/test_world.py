@@ -226,6 +226,9 @@ def test_vqa_answers_follow_from_the_facts(world: dict[str, Path], objects_by_id
             assert len(answers) == 10 and len(set(answers)) == 1
             objects = objects_by_id[record["image_id"]]
             assert answers[0] == expected_answer(record["question_type"], record["question"], objects), record
+            # the focus (the objects the answer depends on) is part of the scene and enough to answer
+            assert all(o in objects for o in record["focus"]), record
+            assert answers[0] == expected_answer(record["question_type"], record["question"], record["focus"]), record
             assert set(record["question"].split()) | {answers[0]} <= vocabulary
 
 

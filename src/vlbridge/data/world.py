@@ -22,7 +22,7 @@ Layout written by :func:`generate_world`::
                                     one record per image: {"image", "caption", "captions", "image_id", "objects"}
       vqa_{train,val,test,compositional}.jsonl
                                     {"image", "question", "answers" (10 copies), "question_type", "image_id",
-                                     "question_id"}
+                                     "question_id", "focus" (the facts of the objects the answer depends on)}
       world.json                    the config, held-out pairs and content hashes; written last, so its presence
                                     means the world is complete
 """
@@ -79,7 +79,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional")
 # Half-extent of an object as a fraction of half a grid cell: sizes grow 1 : 1.5 : 2.
 _SIZE_FRACTION = {"small": 0.42, "medium": 0.63, "large": 0.84}
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _VQA_ANSWER_COPIES = 10  # VQA v2 stores ten human answers per question
 
 
@@ -451,8 +451,11 @@ def _questions(
     rng: random.Random,
     pairs: list[tuple[str, str]],
     focus: list[WorldObject],
-) -> list[tuple[str, str, str]]:
-    """One question of each kind that fits the scene, as (question_type, question, answer).
+) -> list[tuple[str, str, str, list[WorldObject]]]:
+    """One question of each kind that fits the scene, as (question_type, question, answer, relevant objects).
+
+    The relevant objects are those the answer depends on: the one referred to, the ones counted, the two compared,
+    the one whose existence is asked about (none when the answer is "no").
 
     Args:
         objects: The scene.
@@ -467,34 +470,34 @@ def _questions(
     def target() -> WorldObject:
         return rng.choice(focus or objects)
 
-    out: list[tuple[str, str, str]] = []
+    out: list[tuple[str, str, str, list[WorldObject]]] = []
 
     obj = target()
     if ref := _refer(obj, objects, {"colour"}):
-        out.append(("colour", pick("colour").format(ref=ref), obj.colour))
+        out.append(("colour", pick("colour").format(ref=ref), obj.colour, [obj]))
 
     obj = target()
     if ref := _refer(obj, objects, {"shape"}):
-        out.append(("shape", pick("shape").format(ref=ref), obj.shape))
+        out.append(("shape", pick("shape").format(ref=ref), obj.shape, [obj]))
 
     kind = rng.choice(("count_all", "count_all", "count_shape", "count_colour"))
     if kind == "count_all":
-        out.append(("count", pick(kind), str(len(objects))))
+        out.append(("count", pick(kind), str(len(objects)), list(objects)))
     elif kind == "count_shape":  # sometimes a shape that is absent: the answer is "0"
         shape = rng.choice([o.shape for o in objects]) if rng.random() < 0.7 else rng.choice(SHAPES)
-        out.append(
-            ("count", pick(kind).format(plural=SHAPE_PLURALS[shape]), str(sum(o.shape == shape for o in objects)))
-        )
+        counted = [o for o in objects if o.shape == shape]
+        out.append(("count", pick(kind).format(plural=SHAPE_PLURALS[shape]), str(len(counted)), counted))
     else:
         colour = rng.choice([o.colour for o in objects]) if rng.random() < 0.7 else rng.choice(list(COLOURS))
-        out.append(("count", pick(kind).format(colour=colour), str(sum(o.colour == colour for o in objects))))
+        counted = [o for o in objects if o.colour == colour]
+        out.append(("count", pick(kind).format(colour=colour), str(len(counted)), counted))
 
     obj = target()
     if ref := _refer(obj, objects, {"x", "y"}):
         if rng.random() < 0.5:
-            out.append(("position", pick("column").format(ref=ref), obj.x))
+            out.append(("position", pick("column").format(ref=ref), obj.x, [obj]))
         else:
-            out.append(("position", pick("row").format(ref=ref), obj.y))
+            out.append(("position", pick("row").format(ref=ref), obj.y, [obj]))
 
     if len(objects) > 1:  # a yes/no relation, the answer drawn first so yes and no are balanced
         a = target()
@@ -509,7 +512,7 @@ def _questions(
         ref_a, ref_b = _refer(a, objects, {"x", "y"}), _refer(b, objects, {"x", "y"})
         if ref_a and ref_b:
             question = pick("relation").format(a=ref_a, relation=rng.choice(options), b=ref_b)
-            out.append(("relation", question, "yes" if want else "no"))
+            out.append(("relation", question, "yes" if want else "no", [a, b]))
 
     present = {(o.shape, o.colour) for o in objects}
     absent = [p for p in pairs if p not in present]
@@ -517,16 +520,16 @@ def _questions(
     near = [p for p in absent if any(p[0] == s or p[1] == c for s, c in present)]
     if rng.random() < 0.5 and absent:
         shape, colour = rng.choice(near or absent)
-        answer = "no"
+        answer, relevant = "no", []
     else:
         obj = target()
-        shape, colour, answer = obj.shape, obj.colour, "yes"
+        shape, colour, answer, relevant = obj.shape, obj.colour, "yes", [obj]
     noun_phrase = f"{_article(colour)} {colour} {shape}"
-    out.append(("exist", pick("exist").format(np=noun_phrase), answer))
+    out.append(("exist", pick("exist").format(np=noun_phrase), answer, relevant))
 
     obj = target()
     if ref := _refer(obj, objects, {"size"}):
-        out.append(("size", pick("size").format(ref=ref), obj.size))
+        out.append(("size", pick("size").format(ref=ref), obj.size, [obj]))
     return out
 
 
@@ -669,8 +672,9 @@ def _make_example(
             "question_type": kind,
             "image_id": image_id,
             "question_id": f"{image_id}-{k}",
+            "focus": [o.facts() for o in relevant],
         }
-        for k, (kind, question, answer) in enumerate(_questions(objects, rng, pairs, focus))
+        for k, (kind, question, answer, relevant) in enumerate(_questions(objects, rng, pairs, focus))
     ]
     return png, caption_records, vqa_records
 
