@@ -71,7 +71,8 @@ def test_losses_equal_reference():
         img = F.normalize(model.vision_proj(model.qformer(image_embeds=emb).query_output), dim=-1)
         t = model.qformer(input_ids=ids, attention_mask=mask, use_queries=False).hidden_states[:, 0]
         sim = itc_similarity(img, F.normalize(model.text_proj(t), dim=-1))
-    neg_image, neg_text = sample_negatives(sim, codes, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    neg_image, neg_text = sample_negatives(sim, codes, temperature=model.temp.detach(), generator=g)
     itc, itm, itg = reference_losses(model, feats, ids, mask, codes, neg_image, neg_text)
     assert out.itc_loss == pytest.approx(float(itc), abs=1e-5)
     assert out.itm_loss == pytest.approx(float(itm), abs=1e-5)
@@ -104,6 +105,22 @@ def test_negatives_never_share_an_image_id_and_follow_similarity():
         assert (ids[neg_image] != ids).all() and (ids[neg_text] != ids).all()
         counts += torch.bincount(neg_text[:5], minlength=6)
     assert counts[5] > 0.8 * counts.sum()  # drawn in proportion to softmax(similarity)
+
+
+def test_negatives_are_drawn_from_the_itc_logits():
+    """Weights are softmax(sim / temperature): cosine similarities alone would be nearly uniform."""
+    ids = torch.arange(8)
+    sim = torch.full((8, 8), 0.2)
+    sim[:, 7] = 0.6  # a hard negative text, only slightly more similar in cosine terms
+    sim[7, 7] = 1.0
+    hard = {}
+    for temperature in (1.0, 0.07):
+        g = torch.Generator().manual_seed(0)
+        picks = torch.cat([sample_negatives(sim, ids, temperature=temperature, generator=g)[1][:7] for _ in range(200)])
+        hard[temperature] = float((picks == 7).float().mean())
+    # weight of text 7 among 7 candidates: e^0.4 / (e^0.4 + 6) = 0.20 at T=1, e^(0.4/0.07) / (... + 6) = 0.98
+    assert hard[1.0] == pytest.approx(0.20, abs=0.04)
+    assert hard[0.07] > 0.95
 
 
 def test_all_same_id_does_not_crash():

@@ -1,8 +1,10 @@
 """Image-text matching (ITM) with hard negatives mined from the contrastive similarities.
 
 For every text one negative image, for every image one negative text, drawn with probability
-proportional to softmax(similarity) among candidates with a *different* image id (ids may be any
-string; a caption of the same image is never a negative). All in one vectorised draw.
+proportional to softmax(similarity / temperature) — the ITC logits, as in BLIP-2 — among candidates with a
+*different* image id (ids may be any string; a caption of the same image is never a negative). All in one
+vectorised draw. (Without the temperature, cosine similarities in [-1, 1] give nearly uniform weights: random, easy
+negatives.)
 
 Shapes: B local batch, G global batch.
 """
@@ -14,16 +16,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sample_negatives(sim: Tensor, ids: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_negatives(
+    sim: Tensor, ids: Tensor, *, temperature: float | Tensor = 1.0, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Hard negatives from a [G, G] image-text similarity (rows images, columns texts).
+
+    Args:
+        sim: Similarities; divided by ``temperature`` before the softmax (pass the ITC temperature).
+        ids: Image id codes [G]; equal ids are never negatives of each other.
+        temperature: Softmax temperature.
+        generator: Random generator of the draw.
 
     Returns:
         (negative image index for each text [G], negative text index for each image [G]).
     """
     same = ids[:, None] == ids[None, :]  # [G, G] pairs that must not be negatives
     with torch.no_grad():
-        w_t2i = F.softmax(sim.t().float(), dim=1).masked_fill(same, 0)  # each text's weights over images
-        w_i2t = F.softmax(sim.float(), dim=1).masked_fill(same, 0)  # each image's weights over texts
+        logits = sim.float() / float(temperature)
+        w_t2i = F.softmax(logits.t(), dim=1).masked_fill(same, 0)  # each text's weights over images
+        w_i2t = F.softmax(logits, dim=1).masked_fill(same, 0)  # each image's weights over texts
         # A row without any valid candidate (every sample shares one id) falls back to uniform over the other
         # samples; a batch of one has no other sample and pairs with itself (a wrong but harmless label).
         G = w_t2i.shape[0]

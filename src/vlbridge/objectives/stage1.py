@@ -102,7 +102,7 @@ def stage1_losses(
     loss_itc = itc_loss(sim, temperature, all_ids, label_smoothing=label_smoothing)
 
     # ITM: positives, (negative image, text), (image, negative text) in one bidirectional pass of 3B pairs.
-    neg_image, neg_text = sample_negatives(sim.detach(), all_ids, generator=generator)
+    neg_image, neg_text = sample_negatives(sim.detach(), all_ids, temperature=temperature.detach(), generator=generator)
     start = D.rank() * B
     local = slice(start, start + B)
     neg_image, neg_text = neg_image[local], neg_text[local]  # this rank's texts / images
