@@ -1,7 +1,7 @@
-"""``vlbridge demo``: an honest end-to-end smoke run of the public API on an UNTRAINED model.
+"""``vlbridge demo --smoke``: a seconds-long smoke run of the public API on an UNTRAINED model.
 
-Until the embedded default (the synthetic world of :mod:`vlbridge.data.world` plus the full training pipeline) is
-wired in, the demo shows that every step works, not that the model is any good:
+The real demo is :func:`vlbridge.recipes.world.run_world_recipe` (the whole recipe on the synthetic world). This one
+shows in seconds that every step of the API works, not that the model is any good:
 
 1. build a tiny BLIP-2 with random weights (ViT vision encoder, Q-Former, OPT language model with a word-level
    tokenizer over the world's vocabulary) and write it as a transformers checkpoint;
@@ -216,7 +216,7 @@ def _summary(r: dict[str, Any]) -> str:
         "",
         "  NOTE: this model is UNTRAINED (random weights), so the text below is gibberish. It shows that loading,",
         "  captioning, question answering, saving and reloading work end to end, not that the model sees anything.",
-        "  The trained embedded default (synthetic world + training pipeline) comes with the world pipeline.",
+        "  `vlbridge demo` (without --smoke) trains the whole recipe on the synthetic world.",
         "",
         "  captions:",
         *(f"    {image}: {text}" for image, text in r["captions"].items()),

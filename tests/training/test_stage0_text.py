@@ -14,10 +14,14 @@ from vlbridge.data.world import WorldConfig, generate_world, world_vocabulary
 from vlbridge.errors import ConfigError, InputError
 from vlbridge.training.stage0_text import (
     IMAGE_TOKEN,
+    SCENE_LENGTH,
     Stage0TextConfig,
     blind_baseline,
     build_tokenizer,
+    load_scene_texts,
     load_world_texts,
+    scene_oracle,
+    scene_text,
     train_language_model,
 )
 
@@ -164,6 +168,36 @@ def test_blind_baseline(trained: tuple[Path, dict], world: Path) -> None:
     # Train captions come one record per caption: still one prediction per image.
     per_caption = blind_baseline(out / "lm", world / "vqa_val.jsonl", world / "captions_train.jsonl", limit=5)
     assert per_caption["captions"]["count"] == 5 and per_caption["vqa"]["count"] == 5
+
+
+def test_scene_record_layout() -> None:
+    star = {"shape": "star", "colour": "red", "size": "large", "x": "right", "y": "top"}
+    dot = {"shape": "circle", "colour": "blue", "size": "small", "x": "left", "y": "bottom"}
+    words = scene_text([dot, star]).split()  # order of the objects does not matter: cells are in reading order
+    assert len(words) == SCENE_LENGTH == 27
+    assert words[6:9] == ["large", "red", "star"]  # row top, column right: cell 2
+    assert words[18:21] == ["small", "blue", "circle"]  # row bottom, column left: cell 6
+    assert words.count("empty") == 21
+    assert scene_text([]) == " ".join(["empty"] * 27)
+
+
+def test_scene_texts_pair_captions_with_the_scene_and_questions_with_their_focus(world: Path) -> None:
+    pairs = load_scene_texts(world, "val")
+    captions = [json.loads(line) for line in (world / "captions_val.jsonl").read_text().splitlines()]
+    questions = [json.loads(line) for line in (world / "vqa_val.jsonl").read_text().splitlines()]
+    assert len(pairs["captions"]) == sum(len(r["captions"]) for r in captions)
+    assert pairs["captions"][0] == (scene_text(captions[0]["objects"]), captions[0]["captions"][0])
+    assert len(pairs["vqa"]) == len(questions)
+    for (record, text), question in zip(pairs["vqa"], questions):
+        assert record == scene_text(question["focus"]) and question["question"] in text
+
+
+def test_scene_oracle_reads_a_record_per_image(trained: tuple[Path, dict], world: Path) -> None:
+    out, _ = trained
+    result = scene_oracle(out / "lm", world / "vqa_val.jsonl", world / "captions_val.jsonl", batch_size=16)
+    assert result["captions"]["caption"] is None and result["captions"]["count"] == TINY_WORLD.n_val
+    assert 0.0 <= result["vqa"]["accuracy"] <= 1.0
+    assert all("question" not in p["caption"].split() for p in result["captions"]["predictions"])
 
 
 def test_bad_inputs(tmp_path: Path) -> None:

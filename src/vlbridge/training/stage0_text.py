@@ -152,7 +152,7 @@ class Stage0TextConfig:
     tie_word_embeddings: bool = False
     max_positions: int = 128
     dropout: float = 0.0
-    steps: int = 800
+    steps: int = 600
     batch_size: int = 64
     caption_fraction: float = 0.65
     lr: float = 3e-3
