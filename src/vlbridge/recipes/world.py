@@ -35,7 +35,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,8 +77,9 @@ class BridgeTraining:
 class Stage1Training(BridgeTraining):
     """Stage 1's defaults (a subclass, so that overriding one field keeps the others' stage-1 values)."""
 
-    steps: int = 400
-    batch_size: int = 32
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
 
 
 @dataclass
@@ -537,12 +538,13 @@ def _world(folder: Path, config: WorldConfig, progress: bool) -> dict[str, Any]:
 
 
 def _stage0_vision(train, world: Path, folder: Path, config: Stage0VisionConfig, progress: bool, fresh: bool):
-    result = train(world, folder, config=config, progress=progress, fresh=fresh)
+    # the recipe runs one stage at a time: each may use every thread torch is set to use
+    result = train(world, folder, config=replace(config, num_threads=None), progress=progress, fresh=fresh)
     if not Path(result["vision_dir"]).is_dir():
         raise InputError(f"stage 0 vision wrote no model at {result['vision_dir']}")
     return result
 
 
 def _stage0_text(train, world: Path, folder: Path, config: Stage0TextConfig, progress: bool, fresh: bool):
-    return train(world, folder, config=config, progress=progress, fresh=fresh)
+    return train(world, folder, config=replace(config, num_threads=None), progress=progress, fresh=fresh)
 
