@@ -77,7 +77,7 @@ class BridgeTraining:
 class Stage1Training(BridgeTraining):
     """Stage 1's defaults (a subclass, so that overriding one field keeps the others' stage-1 values)."""
 
-    steps: int = 300
+    steps: int = 450
     batch_size: int = 64
     lr: float = 2e-3
 

@@ -89,7 +89,7 @@ class Stage0VisionConfig:
     mlp_ratio: int = 2  # at equal compute, 2 with more steps beat 4 (measured on the default world)
     embed_dim: int = 128
     batch_size: int = 128
-    steps: int = 360
+    steps: int = 540
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 30
