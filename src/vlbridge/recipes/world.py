@@ -547,4 +547,3 @@ def _stage0_vision(train, world: Path, folder: Path, config: Stage0VisionConfig,
 
 def _stage0_text(train, world: Path, folder: Path, config: Stage0TextConfig, progress: bool, fresh: bool):
     return train(world, folder, config=replace(config, num_threads=None), progress=progress, fresh=fresh)
-
