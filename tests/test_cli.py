@@ -271,6 +271,9 @@ def test_demo_command(capsys, monkeypatch, tmp_path):
     (out, recipe, fresh), (_, changed, fresh2) = full
     assert out == "runs/demo" and not fresh and recipe == vlbridge.recipes.world.WorldRecipe()
     assert fresh2 and changed.stage2.steps == 7 and changed.world.n_train == 50
+    assert changed.stage2.lr == recipe.stage2.lr  # the rest of the section keeps its defaults
+    assert run(capsys, "demo", "qformer.num_layers=3")[0] == 0
+    assert full[-1][1].qformer == {**recipe.qformer, "num_layers": 3}
     code, _, err = run(capsys, "demo", "stage2.stepz=7")
     assert code == 1 and "stage2.stepz" in err
 

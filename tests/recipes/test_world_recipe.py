@@ -61,6 +61,10 @@ def test_report_is_self_contained(run: tuple[Path, dict]) -> None:
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing fetched from elsewhere
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"] == result["metrics"]
+    # every prediction is kept, per system
+    predictions = json.loads((out / "evaluate" / "predictions_test.json").read_text())
+    assert len(predictions["captions"]) == REDUCED.eval_images
+    assert set(predictions["answers"][0]) >= {"question", "truth", "stage2", "instruct", "blind", "oracle"}
 
 
 def test_second_run_reuses_every_stage(run: tuple[Path, dict]) -> None:

@@ -309,15 +309,24 @@ def _retrieval(model, world: Path, images: list[dict], k: int, progress: bool) -
     return evaluate_retrieval(model, records, k=min(k, len(records)), progress=progress, n_examples=6)
 
 
-def _generate(model, world: Path, images: list[dict], questions: list[dict], batch: int = 64) -> dict[str, list[str]]:
+def _generate(
+    model, world: Path, images: list[dict], questions: list[dict], desc: str, progress: bool, batch: int = 64
+) -> dict[str, list[str]]:
+    """Greedy captions for ``images`` and answers to ``questions``."""
+    from tqdm.auto import tqdm
+
     captions: list[str] = []
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        captions += model.caption([world / r["image"] for r in chunk], max_new_tokens=30)
     answers: list[str] = []
-    for start in range(0, len(questions), batch):
-        chunk = questions[start : start + batch]
-        answers += model.answer([world / r["image"] for r in chunk], [r["question"] for r in chunk], max_new_tokens=5)
+    with tqdm(total=len(images) + len(questions), desc=desc, unit="text", disable=not progress) as bar:
+        for start in range(0, len(images), batch):
+            chunk = images[start : start + batch]
+            captions += model.caption([world / r["image"] for r in chunk], max_new_tokens=30)
+            bar.update(len(chunk))
+        for start in range(0, len(questions), batch):
+            chunk = questions[start : start + batch]
+            images_ = [world / r["image"] for r in chunk]
+            answers += model.answer(images_, [r["question"] for r in chunk], max_new_tokens=5)
+            bar.update(len(chunk))
     return {"captions": captions, "answers": answers}
 
 
@@ -356,12 +365,11 @@ def _evaluate(paths: dict[str, Path], recipe: WorldRecipe, folder: Path, progres
         split_result["retrieval"] = _retrieval(models["stage1"], world, images, recipe.retrieval_k, progress)
         outputs = {}
         for name in ("stage2", "instruct"):
-            outputs[name] = _generate(models[name], world, images, questions)
+            outputs[name] = _generate(models[name], world, images, questions, f"{split}: {name}", progress)
             split_result[name] = _score(images, questions, outputs[name]["captions"], outputs[name]["answers"])
         manifests = (world / f"vqa_{split}.jsonl", world / f"captions_{split}.jsonl")
-        kwargs = {"limit": None}
         for name, fn in (("blind", blind_baseline), ("oracle", scene_oracle)):
-            raw = fn(paths["lm"], *manifests, **kwargs)
+            raw = fn(paths["lm"], *manifests)
             keep_q = {q["question_id"] for q in questions}
             keep_i = {r["image_id"] for r in images}
             caps = {p["image_id"]: p["caption"] for p in raw["captions"]["predictions"] if p["image_id"] in keep_i}
@@ -369,7 +377,10 @@ def _evaluate(paths: dict[str, Path], recipe: WorldRecipe, folder: Path, progres
             split_result[name] = _score(
                 images, questions, [caps[r["image_id"]] for r in images], [ans[q["question_id"]] for q in questions]
             )
-            outputs[name] = {"captions": [caps[r["image_id"]] for r in images]}
+            outputs[name] = {
+                "captions": [caps[r["image_id"]] for r in images],
+                "answers": [ans[q["question_id"]] for q in questions],
+            }
         # a few examples for the report
         rng = random.Random(0)
         shown = rng.sample(range(len(images)), min(recipe.gallery, len(images)))
@@ -397,6 +408,20 @@ def _evaluate(paths: dict[str, Path], recipe: WorldRecipe, folder: Path, progres
         for name in ("stage2", "instruct", "blind", "oracle"):
             split_result[name].pop("fact_f1_per_image")
         results[split] = split_result
+        predictions = {  # every caption and answer, per system, for inspection
+            "captions": [
+                {"image_id": r["image_id"], "references": r["captions"],
+                 **{n: o["captions"][i] for n, o in outputs.items()}}
+                for i, r in enumerate(images)
+            ],
+            "answers": [
+                {"question_id": q["question_id"], "question": q["question"], "truth": q["answers"][0],
+                 **{n: o["answers"][i] for n, o in outputs.items()}}
+                for i, q in enumerate(questions)
+            ],
+        }  # fmt: skip
+        _write_json(folder / f"predictions_{split}.json", predictions)
+        split_result["predictions"] = str(folder / f"predictions_{split}.json")
     return results
 
 
