@@ -8,14 +8,14 @@ question's wording alone, the same caption for every image), the floor that stag
 
 A soft prompt can only steer an LM that has learnt to use what comes before its text. A web-scale LLM has read
 countless documents in which a passage (a table, a record, a description) informs the prose after it; a 0.5M-
-parameter LM trained on captions alone has not, and then no bridge can make it describe an image (measured:
-stage 2 stays at the blind baseline). So part of the world text is such documents: a *scene record* — a
+parameter LM trained on captions alone has not, and in our tests no bridge could make such an LM describe an
+image. So part of the world text is such documents: a *scene record* — a
 fixed-length, 27-word table, ``size colour shape`` for each of the nine grid cells in reading order, ``empty empty
 empty`` where there is nothing (:func:`scene_text`) — followed by ``</s>`` and a caption of that scene, or a
 question and its answer. A caption follows the record of the whole scene; a question follows the record of just
 the objects its answer depends on (the manifest's ``focus``), as a reading-comprehension text gives the passage
 that answers it. (Finding the object in a whole-scene record — "what size is the star" — is what a 2-layer LM did
-not learn in the steps the demo can afford: 1500 steps gave 0.6 VQA accuracy reading the true whole record, at
+not learn in the steps the demo can afford: 1500 steps gave 0.58-0.61 VQA accuracy reading the true whole record, at
 chance on size and yes/no questions. That look-up is the instruction-aware Q-Former's job: it sees the question
 and the image.) The record's word embeddings are perturbed with Gaussian noise while training (``scene_noise``),
 so the LM reads approximate embeddings, as a soft prompt gives them; the loss covers only the text after the
@@ -645,7 +645,8 @@ def train_language_model(
     """Train the world's tokenizer and blind causal LM, and save both in transformers format.
 
     Training text: every train caption and every train question as ``"Question: {q} Answer: {a}"``, each as
-    ``</s> text </s>``; validation text: the same from the val split. The LM never sees an image.
+    ``</s> text </s>``, a ``scene_fraction`` of them preceded by a scene record (see the module docstring);
+    validation text: the same from the val split. The LM never sees an image.
 
     Cached: when ``out_dir/stage0_text.json`` exists for the same config and the same world manifests (and the
     model folder is there), it is returned without training, unless ``fresh``.
