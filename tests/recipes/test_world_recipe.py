@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,11 +68,14 @@ def test_report_is_self_contained(run: tuple[Path, dict]) -> None:
     assert set(predictions["answers"][0]) >= {"question", "truth", "stage2", "instruct", "blind", "oracle"}
 
 
-def test_second_run_reuses_every_stage(run: tuple[Path, dict]) -> None:
+def test_second_run_reuses_every_stage(run: tuple[Path, dict], tmp_path: Path) -> None:
     out, first = run
-    again = run_world_recipe(out, REDUCED, progress=False, verbose=False)
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)  # a run folder keeps working elsewhere: nothing refers to where it was
+    again = run_world_recipe(moved, REDUCED, progress=False, verbose=False)
     assert all(stage["cached"] for stage in again["stages"].values())
     assert again["metrics"] == first["metrics"]
+    out = moved
     # a changed stage-2 setting redoes stage 2 and what follows it, nothing before
     changed = replace(REDUCED, stage2=replace(REDUCED.stage2, steps=2), instruct=replace(REDUCED.instruct, steps=2))
     partly = run_world_recipe(out, changed, progress=False, verbose=False)

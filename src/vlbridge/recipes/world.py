@@ -363,6 +363,9 @@ def _evaluate(paths: dict[str, Path], recipe: WorldRecipe, folder: Path, progres
         log(f"  {split}: {len(images)} images, {len(questions)} questions")
         split_result: dict[str, Any] = {"images": len(images), "questions": len(questions)}
         split_result["retrieval"] = _retrieval(models["stage1"], world, images, recipe.retrieval_k, progress)
+        for example in split_result["retrieval"]["examples"]["text_to_image"]:  # image paths relative to the run
+            for item in (example, *example["top"]):
+                item["image"] = os.path.relpath(item["image"], world.parent)
         outputs = {}
         for name in ("stage2", "instruct"):
             outputs[name] = _generate(models[name], world, images, questions, f"{split}: {name}", progress)
@@ -389,7 +392,7 @@ def _evaluate(paths: dict[str, Path], recipe: WorldRecipe, folder: Path, progres
             by_image.setdefault(q["image_id"], []).append(i)
         split_result["examples"] = [
             {
-                "image": str(world / images[i]["image"]),
+                "image": str(Path(world.name) / images[i]["image"]),  # relative to the run folder
                 "image_id": images[i]["image_id"],
                 "reference": images[i]["caption"],
                 "captions": {name: outputs[name]["captions"][i] for name in outputs},
@@ -421,7 +424,7 @@ def _evaluate(paths: dict[str, Path], recipe: WorldRecipe, folder: Path, progres
             ],
         }  # fmt: skip
         _write_json(folder / f"predictions_{split}.json", predictions)
-        split_result["predictions"] = str(folder / f"predictions_{split}.json")
+        split_result["predictions"] = f"{folder.name}/predictions_{split}.json"  # relative to the run folder
     return results
 
 
@@ -474,7 +477,8 @@ def run_world_recipe(
             lambda f: _stage0_vision(train_vision_encoder, paths["world"], f, recipe.vision, progress, fresh),
             "stage 0: CLIP-style vision encoder",
         )
-        paths["vision"] = Path(vision["vision_dir"])
+        # Paths are rebuilt from out_dir, not read back from the results, so that a moved run folder still works.
+        paths["vision"] = out / "stage0_vision" / Path(vision["vision_dir"]).name
 
         text_key = _key(world_key, asdict(recipe.text))
         text = stages.run(
@@ -483,7 +487,7 @@ def run_world_recipe(
             lambda f: _stage0_text(train_language_model, paths["world"], f, recipe.text, progress, fresh),
             "stage 0: language model",
         )
-        paths["lm"] = Path(text["lm_dir"])
+        paths["lm"] = out / "stage0_text" / Path(text["lm_dir"]).name
 
         paths["qformer_tokenizer"] = build_bert_tokenizer(
             [*world_vocabulary(), *_PROMPT_WORDS], out / "qformer_tokenizer"
@@ -505,7 +509,7 @@ def run_world_recipe(
                 paths["init_from"] = paths[previous]
             cfg = _train_config(recipe, stage, out / stage, paths, progress)
             result = stages.run(stage, keys[stage], lambda f, cfg=cfg: _train_bridge(cfg, f), titles[stage])
-            paths[stage] = Path(result["model"])
+            paths[stage] = out / stage / Path(result["model"]).name
             previous = stage
 
         eval_key = _key(keys["instruct"], recipe.retrieval_k, recipe.eval_images, recipe.gallery)

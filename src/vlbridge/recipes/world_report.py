@@ -49,6 +49,7 @@ def _fmt(value: float | None) -> str:
 def write_report(path: Path, recipe: Any, stages: dict[str, dict[str, Any]], seconds: float) -> Path:
     """Write the self-contained HTML report of a world-recipe run."""
     metrics = stages["evaluate"]
+    root = Path(path).parent  # image paths in the results are relative to the run folder
     report = HtmlReport(
         "vlbridge · BLIP-2 on the embedded synthetic world",
         f"frozen ViT and frozen OPT trained here in stage 0, Q-Former trained in stages 1, 2 and instruction "
@@ -119,7 +120,7 @@ def write_report(path: Path, recipe: Any, stages: dict[str, dict[str, Any]], sec
         for ex in m["examples"]:
             lines = [f"stage 2: {ex['captions']['stage2']}", f"reference: {ex['reference']}"]
             lines += [f"Q: {qa['question']}? → {qa['answer']} (truth: {qa['truth']})" for qa in ex["qa"]]
-            items.append({"image": ex["image"], "title": ex["captions"]["instruct"], "lines": lines,
+            items.append({"image": root / ex["image"], "title": ex["captions"]["instruct"], "lines": lines,
                           "ok": ex["fact_f1"] >= 0.999})  # fmt: skip
         report.image_gallery(items, columns=3, thumb=160)
 
@@ -179,7 +180,7 @@ def write_report(path: Path, recipe: Any, stages: dict[str, dict[str, Any]], sec
         examples = metrics["test"]["retrieval"]["examples"]["text_to_image"]
         report.heading("Text-to-image examples (test)", 3)
         report.retrieval_examples(
-            [{"query": e["text"], "results": [{"image": r["image"], "score": r["score"], "correct": r["correct"]}
+            [{"query": e["text"], "results": [{"image": root / r["image"], "score": r["score"], "correct": r["correct"]}
                                               for r in e["top"]]} for e in examples]
         )  # fmt: skip
 
