@@ -62,6 +62,23 @@ def test_from_dict_builds_nested_and_fills_defaults() -> None:
     assert cfg.data == DataConfig()
 
 
+@dataclass
+class TwoStages:
+    first: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.5, weight_decay=0.0))
+    second: OptimConfig = field(default_factory=OptimConfig)
+    widths: dict[str, int] = field(default_factory=lambda: {"hidden": 128, "ffn": 256})
+
+
+def test_a_partial_section_keeps_the_rest_of_its_field_default(tmp_path: Path) -> None:
+    cfg = from_dict(TwoStages, {"first": {"name": "sgd"}, "widths": {"ffn": 512}})
+    assert cfg.first == OptimConfig(name="sgd", lr=0.5, weight_decay=0.0)  # the field's default, not the class's
+    assert cfg.widths == {"hidden": 128, "ffn": 512}
+    assert cfg.second == OptimConfig()
+    save_yaml(TwoStages(), tmp_path / "two.yaml")
+    assert load_yaml(TwoStages, tmp_path / "two.yaml", ["first.lr=0.1"]).first == OptimConfig(lr=0.1, weight_decay=0.0)
+    assert from_dict(TwoStages, to_dict(cfg)) == cfg
+
+
 def test_coercions() -> None:
     cfg = from_dict(
         TrainConfig,

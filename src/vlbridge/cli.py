@@ -256,13 +256,12 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 
 def _with_overrides(cls: type, config: str | None, overrides: Sequence[str]):
-    """A config dataclass from an optional YAML file plus ``key=value`` overrides (on top of the defaults, so that
-    ``qformer.num_layers=4`` keeps the default's other Q-Former fields)."""
-    from vlbridge.config import apply_overrides, from_dict, load_yaml, to_dict
+    """A config dataclass from an optional YAML file plus ``key=value`` overrides."""
+    from vlbridge.config import apply_overrides, from_dict, load_yaml
 
     if config is not None:
         return load_yaml(cls, config, overrides)
-    return from_dict(cls, apply_overrides(to_dict(cls()), overrides))
+    return from_dict(cls, apply_overrides({}, overrides))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

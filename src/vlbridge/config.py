@@ -13,6 +13,9 @@ Loading rules:
   quote it in YAML).
 - YAML 1.1, which PyYAML implements, reads `1e-4` (no dot) as a string. This module's loader and dumper read and
   write such numbers as floats, so `lr: 1e-4` in a file and `optim.lr=1e-4` on the command line both work.
+- A nested section given in part keeps the rest of its field's default, key by key: with
+  `stage2: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=400))`, `stage2.lr=2e-3` still
+  has 400 steps (not the class's own default), and a `dict` field's default keys stay unless overridden.
 - A top-level `base: other.yaml` key (a path relative to the file) loads that file first and deep-merges this
   file on top of it: mappings merge key by key, anything else (scalars, lists, null) is replaced. Bases can
   chain. Overrides are applied last, so precedence is base < file < overrides. `base` is therefore reserved as
@@ -89,10 +92,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
         where = f"config section '{path}'" if path else "config"
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {_show(data)}")
     hints = _field_types(cls)
+    factories = {
+        f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING
+    }
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in hints:
             raise _unknown_key(str(key), hints, path)
+        if isinstance(value, Mapping) and key in factories:  # a partial section: on top of the field's default
+            default = factories[key]()
+            if dataclasses.is_dataclass(default):
+                value = _deep_merge(to_dict(default), value)
+            elif isinstance(default, Mapping):
+                value = _deep_merge(dict(default), value)
         kwargs[key] = _convert(hints[key], value, _join(path, key))
     for f in dataclasses.fields(cls):
         if f.init and f.name not in kwargs and _is_required(f):

@@ -17,7 +17,7 @@ import pytest
 from vlbridge.config import from_dict, load_yaml, save_yaml, to_dict
 from vlbridge.data.world import WorldConfig
 from vlbridge.errors import ConfigError
-from vlbridge.recipes.world import Stage1Training, Stage2Training, WorldRecipe, run_world_recipe
+from vlbridge.recipes.world import BridgeTraining, WorldRecipe, run_world_recipe
 from vlbridge.training.stage0_text import Stage0TextConfig
 from vlbridge.training.stage0_vision import Stage0VisionConfig
 
@@ -25,9 +25,9 @@ REDUCED = WorldRecipe(
     world=WorldConfig(n_train=800, n_val=40, n_test=80, n_compositional=40, captions_per_image=3),
     vision=Stage0VisionConfig(steps=120, batch_size=64, vision_layers=2, log_every=20),
     text=Stage0TextConfig(steps=300, batch_size=64, val_max_sequences=200, log_every=20),
-    stage1=Stage1Training(steps=100, batch_size=32, warmup_steps=10),
-    stage2=Stage2Training(steps=150, batch_size=32, warmup_steps=10, lr=2e-3),
-    instruct=Stage2Training(steps=150, batch_size=32, warmup_steps=10, lr=2e-3),
+    stage1=BridgeTraining(steps=100, batch_size=32, warmup_steps=10, lr=2e-3),
+    stage2=BridgeTraining(steps=150, batch_size=32, warmup_steps=10, lr=2e-3),
+    instruct=BridgeTraining(steps=150, batch_size=32, warmup_steps=10, lr=2e-3),
     eval_images=80,
     gallery=4,
 )

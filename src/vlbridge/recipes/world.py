@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlbridge.data.world import WorldConfig
-from vlbridge.errors import ConfigError, InputError
+from vlbridge.errors import ConfigError
 from vlbridge.training.stage0_text import SCENE_LENGTH, Stage0TextConfig
 from vlbridge.training.stage0_vision import Stage0VisionConfig
 
-__all__ = ["BridgeTraining", "Stage1Training", "Stage2Training", "WorldRecipe", "run_world_recipe"]
+__all__ = ["BridgeTraining", "WorldRecipe", "run_world_recipe"]
 
 _FORMAT_VERSION = 1
 _STAGE_FILE = "stage.json"
@@ -65,28 +65,12 @@ class BridgeTraining:
         weight_decay: AdamW weight decay.
     """
 
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 64
     lr: float = 1e-3
     min_lr: float = 5e-5
     warmup_steps: int = 50
     weight_decay: float = 0.05
-
-
-@dataclass
-class Stage1Training(BridgeTraining):
-    """Stage 1's defaults (a subclass, so that overriding one field keeps the others' stage-1 values)."""
-
-    steps: int = 450
-    batch_size: int = 64
-    lr: float = 2e-3
-
-
-@dataclass
-class Stage2Training(BridgeTraining):
-    """Stage 2's and instruction tuning's defaults."""
-
-    steps: int = 400
 
 
 @dataclass
@@ -129,9 +113,9 @@ class WorldRecipe:
     )
     cross_attention_frequency: int = 1
     embed_dim: int = 128
-    stage1: Stage1Training = field(default_factory=Stage1Training)
-    stage2: Stage2Training = field(default_factory=Stage2Training)
-    instruct: Stage2Training = field(default_factory=Stage2Training)
+    stage1: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=450, lr=2e-3))
+    stage2: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=400))
+    instruct: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=400))
     precision: Literal["fp32", "bf16"] = "fp32"
     retrieval_k: int = 16
     eval_images: int | None = 300
@@ -470,11 +454,15 @@ def run_world_recipe(
         world_key = _key(asdict(recipe.world))
         stages.run("world", world_key, lambda f: _world(f, recipe.world, progress), "generating the world")
 
+        def stage0(train, config):  # stages run one at a time: each may use every thread torch is set to use
+            return lambda f: train(paths["world"], f, config=replace(config, num_threads=None), progress=progress,
+                                   fresh=fresh)  # fmt: skip
+
         vision_key = _key(world_key, asdict(recipe.vision))
         vision = stages.run(
             "stage0_vision",
             vision_key,
-            lambda f: _stage0_vision(train_vision_encoder, paths["world"], f, recipe.vision, progress, fresh),
+            stage0(train_vision_encoder, recipe.vision),
             "stage 0: CLIP-style vision encoder",
         )
         # Paths are rebuilt from out_dir, not read back from the results, so that a moved run folder still works.
@@ -484,7 +472,7 @@ def run_world_recipe(
         text = stages.run(
             "stage0_text",
             text_key,
-            lambda f: _stage0_text(train_language_model, paths["world"], f, recipe.text, progress, fresh),
+            stage0(train_language_model, recipe.text),
             "stage 0: language model",
         )
         paths["lm"] = out / "stage0_text" / Path(text["lm_dir"]).name
@@ -564,15 +552,3 @@ def _world(folder: Path, config: WorldConfig, progress: bool) -> dict[str, Any]:
 
     paths = generate_world(folder, config, progress=progress)
     return {"manifests": {k: str(v) for k, v in paths.items()}, "held_out": [list(p) for p in config.held_out_pairs()]}
-
-
-def _stage0_vision(train, world: Path, folder: Path, config: Stage0VisionConfig, progress: bool, fresh: bool):
-    # the recipe runs one stage at a time: each may use every thread torch is set to use
-    result = train(world, folder, config=replace(config, num_threads=None), progress=progress, fresh=fresh)
-    if not Path(result["vision_dir"]).is_dir():
-        raise InputError(f"stage 0 vision wrote no model at {result['vision_dir']}")
-    return result
-
-
-def _stage0_text(train, world: Path, folder: Path, config: Stage0TextConfig, progress: bool, fresh: bool):
-    return train(world, folder, config=replace(config, num_threads=None), progress=progress, fresh=fresh)

@@ -129,7 +129,7 @@ def write_report(path: Path, recipe: Any, stages: dict[str, dict[str, Any]], sec
         m = metrics[split]
         per_type = m["instruct"]["vqa"]["per_type"]
         report.bar_chart(
-            {k: v for k, v in per_type.items()},
+            dict(per_type),
             title=f"VQA accuracy by question type · {split}",
             ylabel="accuracy",
             reference={

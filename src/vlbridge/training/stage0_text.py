@@ -983,10 +983,8 @@ def _lm_answers(
 
     start = time.perf_counter()
     questions = _read_jsonl(Path(vqa_manifest))[:limit]
-    caption_records = list(
-        {r.get("image_id", r.get("image")): r for r in _read_jsonl(Path(captions_manifest))}.values()
-    )
-    caption_records = caption_records[:limit]
+    by_image = {r.get("image_id", r.get("image")): r for r in _read_jsonl(Path(captions_manifest))}
+    caption_records = list(by_image.values())[:limit]
     if not questions:
         raise InputError(f"{vqa_manifest} holds no questions")
     if not caption_records:
@@ -999,16 +997,16 @@ def _lm_answers(
 
     question_prefixes = caption_prefixes = None
     if scenes:
-        records = {r.get("image_id"): r for r in _read_jsonl(Path(captions_manifest)) if "objects" in r}
+        records = {key: r for key, r in by_image.items() if "objects" in r}
         missing = [r.get("question_id") for r in questions if r.get("image_id") not in records]
-        if missing or len(records) < len(caption_records):
+        if missing or any("objects" not in r for r in caption_records):
             raise InputError(f"scene_oracle needs every image's objects in {captions_manifest}")
         scenes = {key: scene_text(r["objects"]) for key, r in records.items()}
         question_prefixes = [
             tokenizer(_question_scene(r, scenes), add_special_tokens=False)["input_ids"] for r in questions
         ]
         caption_prefixes = [
-            tokenizer(scenes[r["image_id"]], add_special_tokens=False)["input_ids"] for r in caption_records
+            tokenizer(scene_text(r["objects"]), add_special_tokens=False)["input_ids"] for r in caption_records
         ]
 
     prompts = [VQA_PROMPT.format(r["question"]) for r in questions]
