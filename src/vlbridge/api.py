@@ -32,12 +32,12 @@ def load(
         from vlbridge.interop.lavis import load_lavis
 
         return load_lavis(path, device=device, dtype=dtype, **kwargs).eval()
-    if kwargs:
-        raise TypeError(f"unexpected arguments for this checkpoint kind: {', '.join(kwargs)}")
     from vlbridge.interop.native import is_native, load_native
 
-    if path.is_dir() and is_native(path):
-        return load_native(path, device=device, dtype=dtype).eval()
+    if path.is_dir() and is_native(path) and set(kwargs) <= {"verify"}:  # verify=True: check every byte first
+        return load_native(path, device=device, dtype=dtype, verify=bool(kwargs.get("verify"))).eval()
+    if kwargs:
+        raise TypeError(f"unexpected arguments for this checkpoint kind: {', '.join(kwargs)}")
     from vlbridge.interop.hf import load_hf
 
     return load_hf(source, device=device, dtype=dtype).eval()

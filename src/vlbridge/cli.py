@@ -11,7 +11,8 @@ Every command is a thin wrapper over Python functions you can call yourself:
   (looked up when the command runs, so they are picked up as soon as those modules provide them)
 
 Exit codes: 0 success; 1 a user error (a bad image, checkpoint, config or argument combination; reported as one line
-``vlbridge: error: ...`` on stderr, without a traceback); 2 a command-line usage error, or a command that is not
+``vlbridge: error: ...`` on stderr, without a traceback; an OSError such as a full disk counts as one);
+2 a command-line usage error, or a command that is not
 implemented yet; 130 interrupted. Anything else is a bug and keeps its traceback.
 """
 
@@ -157,7 +158,29 @@ def _status(message: str) -> None:
 
 
 def _json(obj: dict) -> str:
-    return json.dumps(obj, ensure_ascii=False)
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not valid UTF-8 (kept as surrogates): escape it
+        text = json.dumps(obj, ensure_ascii=True)
+    return text
+
+
+def safe_text(text: object) -> str:
+    """``text`` for a terminal: control characters (newlines, ANSI escapes) and undecodable bytes escaped.
+
+    A file name is data; printed raw, a newline in it would fake an output line and an escape code could
+    rewrite the screen.
+    """
+    out = []
+    for ch in str(text):
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
@@ -205,7 +228,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
             temperature=args.temperature,
         )
         for image, caption in zip(batch, captions):
-            _emit(_json({"image": image, "caption": caption}) if args.json else f"{image}: {caption}")
+            _emit(
+                _json({"image": image, "caption": caption})
+                if args.json
+                else f"{safe_text(image)}: {safe_text(caption)}"
+            )
     return 0
 
 
@@ -227,7 +254,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if args.json:
             _emit(_json({"image": args.image, "question": question, "answer": answer}))
         else:
-            _emit(f"{args.image}: Q: {question}  A: {answer}")
+            _emit(f"{safe_text(args.image)}: Q: {safe_text(question)}  A: {safe_text(answer)}")
     return 0
 
 
@@ -249,7 +276,7 @@ def cmd_match(args: argparse.Namespace) -> int:
             _emit(_json(row))
         return 0
     rows = [["image", "text", "itm", "itc"]]
-    rows += [[r["image"], r["text"], f"{r['itm']:.3f}", f"{r['itc']:.3f}"] for r in results]
+    rows += [[safe_text(r["image"]), safe_text(r["text"]), f"{r['itm']:.3f}", f"{r['itc']:.3f}"] for r in results]
     for line in _table(rows, right={2, 3}):
         _emit(line)
     return 0
@@ -428,7 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a config", description="Train a model from a YAML config.")
     p.add_argument("config", metavar="CONFIG.yaml", help="training config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the run")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint of the run")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in run.output_dir (refused without it)"
+    )
+    p.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="with --resume: accept settings that differ from the run's (recorded in config_changes.jsonl)",
+    )
     p.set_defaults(func=cmd_deferred)
 
     p = sub.add_parser("eval", help="evaluate from a config", description="Evaluate a model from a YAML config.")
@@ -467,7 +502,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    print(f"{PROG}: error: {safe_text(' '.join(message.split()))}", file=sys.stderr, flush=True)
+
+
+# Arguments that are text for the model (not file names, which may be any bytes): they must be valid UTF-8.
+TEXT_ARGUMENTS = ("prompt", "question", "text", "overrides")
+
+
+def check_text_arguments(args: argparse.Namespace) -> None:
+    """Refuse text arguments holding bytes that are not UTF-8 (Python keeps them as lone surrogates).
+
+    Raises:
+        InputError: Names the argument and the first bad byte.
+    """
+    for name in TEXT_ARGUMENTS:
+        value = getattr(args, name, None)
+        for text in [value] if isinstance(value, str) else value or []:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                byte = ord(text[exc.start]) - 0xDC00 if 0xDC80 <= ord(text[exc.start]) <= 0xDCFF else None
+                where = f" (byte 0x{byte:02x})" if byte is not None else ""
+                option = name if name == "overrides" else f"--{name}"
+                raise InputError(f"{option}: not valid UTF-8 text{where}") from None
 
 
 def _describe(exc: OSError) -> str:
@@ -493,13 +550,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
+    # The one place where user errors become one line on stderr and exit 1, for every command. A VlbridgeError is
+    # a user error by definition; so is an OSError (a missing file, a full disk, a read-only folder: the machine
+    # said no, the message names the path). Anything else is a bug and keeps its traceback.
     try:
+        check_text_arguments(args)
         return int(args.func(args) or 0)
     except VlbridgeError as exc:
         _error(str(exc))
-        return 1
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-        _error(_describe(exc))
         return 1
     except KeyboardInterrupt:
         _error("interrupted")
@@ -507,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `vlbridge caption ... | head`: the reader left; stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        _error(_describe(exc))
         return 1
 
 

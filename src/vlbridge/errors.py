@@ -19,3 +19,11 @@ class ConfigError(VlbridgeError, ValueError):
 
 class InputError(VlbridgeError, ValueError):
     """Arguments that do not fit together (empty prompt, mismatched list lengths)."""
+
+
+class TrainingError(VlbridgeError, RuntimeError):
+    """Training cannot go on as configured (diverging losses, an epoch without usable samples)."""
+
+
+class StorageError(VlbridgeError, OSError):
+    """A file or folder could not be written (full disk, read-only folder, a file where a folder should be)."""

@@ -7,14 +7,20 @@ import json
 
 
 def train_main(args: argparse.Namespace) -> int:
-    """`vlbridge train CONFIG.yaml [key=value ...] [--resume]`."""
+    """`vlbridge train CONFIG.yaml [key=value ...] [--resume [--allow-changed] | --overwrite]`."""
     from vlbridge.config import load_yaml
     from vlbridge.training.loop import train
     from vlbridge.training.recipe import TrainConfig
+    from vlbridge.utils.io import dumps
 
     cfg = load_yaml(TrainConfig, args.config, args.overrides)
-    summary = train(cfg, resume=args.resume)
-    print(json.dumps({k: summary[k] for k in ("steps", "final", "output_dir", "model", "eval") if k in summary}))
+    summary = train(
+        cfg,
+        resume=args.resume,
+        overwrite=getattr(args, "overwrite", False),
+        allow_changed=getattr(args, "allow_changed", False),
+    )
+    print(dumps({k: summary[k] for k in ("steps", "final", "output_dir", "model", "eval") if k in summary}))
     return 0
 
 

@@ -24,6 +24,7 @@ class DataConfig:
     hflip: float = 0.5  # set 0 when captions mention left/right
     feature_cache: str | None = None  # folder: cache the frozen encoder's output (once per image and view)
     cache_views: int = 1  # augmented views cached per image (with augment); epochs cycle through them
+    max_skip_fraction: float = 0.5  # stop with an error when an epoch skips more than this share of its samples
 
 
 @dataclass
@@ -35,6 +36,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = 1.0
     accumulate: int = 1  # gradient accumulation: micro-batches per optimiser step
+    max_bad_steps: int = 5  # non-finite loss / gradient: the step is skipped; this many in a row stop the run
 
 
 @dataclass
@@ -59,3 +61,49 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every numeric setting once, at load, so a bad value is one clear line rather than a crash later.
+
+    Values that are not numbers (e.g. a machine-resolved ``"auto"``) are left to whoever resolves them.
+
+    Raises:
+        ConfigError: The first setting out of range, named by its dotted key.
+    """
+    from vlbridge.errors import ConfigError
+
+    def check(key: str, value: object, ok, need: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return
+        if value != value or not ok(value):  # NaN fails every range
+            raise ConfigError(f"config key '{key}': must be {need}, got {value!r}")
+
+    d, o, r = cfg.data, cfg.optim, cfg.run
+    for key, value in (
+        ("data.batch_size", d.batch_size),
+        ("data.max_text_length", d.max_text_length),
+        ("data.cache_views", d.cache_views),
+        ("optim.accumulate", o.accumulate),
+        ("optim.max_bad_steps", o.max_bad_steps),
+        ("run.epochs", r.epochs),
+        ("run.save_every", r.save_every),
+        ("run.log_every", r.log_every),
+        ("run.eval_k", r.eval_k),
+    ):
+        check(key, value, lambda v: v >= 1, ">= 1")
+    if r.max_steps is not None:
+        check("run.max_steps", r.max_steps, lambda v: v >= 1, ">= 1 (or null: run.epochs decides)")
+    check("data.num_workers", d.num_workers, lambda v: v >= 0, ">= 0")
+    check("optim.warmup_steps", o.warmup_steps, lambda v: v >= 0, ">= 0")
+    check("optim.lr", o.lr, lambda v: 0 < v < float("inf"), "a positive number")
+    check("optim.min_lr", o.min_lr, lambda v: 0 <= v <= o.lr, f"between 0 and optim.lr ({o.lr})")
+    check("optim.weight_decay", o.weight_decay, lambda v: 0 <= v < float("inf"), ">= 0")
+    for i, beta in enumerate(o.betas):
+        check(f"optim.betas[{i}]", beta, lambda v: 0 <= v < 1, "in [0, 1)")
+    if o.grad_clip is not None:
+        check("optim.grad_clip", o.grad_clip, lambda v: 0 < v < float("inf"), "a positive number (or null: none)")
+    check("data.hflip", d.hflip, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+    check("data.max_skip_fraction", d.max_skip_fraction, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+    if not str(r.output_dir).strip():
+        raise ConfigError("config key 'run.output_dir': must name a folder")
