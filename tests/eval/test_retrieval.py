@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlbridge.errors import InputError
-from vlbridge.eval.retrieval import recall_at_k, rerank_with_itm, zero_shot_accuracy
+from vlbridge.eval.retrieval import recall_at_k, repeated_captions, rerank_with_itm, zero_shot_accuracy
 
 # 3 images, 2 captions each: texts 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2.
 TEXT_TO_IMAGE = [0, 0, 1, 1, 2, 2]
@@ -55,11 +55,53 @@ def test_any_caption_counts_for_text_retrieval():
     assert result["img_r1"] == pytest.approx(3 / 4)
 
 
-def test_ties_count_against_the_query():
+def test_ties_are_broken_by_sorted_order():
+    # Karpathy rule: rank = position of the first ground truth in the stable descending sort.
     sim = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
     result = recall_at_k(sim, [0, 1], ks=(1, 2))
-    assert result["txt_r1"] == 0.0 and result["img_r1"] == 0.0
+    # Image 0's caption (text 0) comes first among the tied texts, image 1's (text 1) second.
+    assert result["txt_r1"] == 0.5 and result["img_r1"] == 0.5
     assert result["txt_r2"] == 1.0 and result["img_r2"] == 1.0
+
+
+def test_rank_matches_stable_argsort_on_random_ties():
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randint(0, 3, (7, 11), generator=g).float()  # many ties
+    owner = torch.randint(0, 7, (11,), generator=g)
+    owner[:7] = torch.arange(7)  # every image owns a text
+    result = recall_at_k(sim, owner.tolist(), ks=(1, 2, 3))
+    ranks = []
+    for i in range(7):
+        order = torch.argsort(-sim[i], stable=True).tolist()
+        ranks.append(min(order.index(t) for t in range(11) if owner[t] == i))
+    for k in (1, 2, 3):
+        assert result[f"txt_r{k}"] == pytest.approx(sum(r < k for r in ranks) / 7)
+    img = [torch.argsort(-sim[:, t], stable=True).tolist().index(int(owner[t])) for t in range(11)]
+    for k in (1, 2, 3):
+        assert result[f"img_r{k}"] == pytest.approx(sum(r < k for r in img) / 11)
+
+
+def test_perfect_model_on_repeated_captions():
+    # 4 images; images 0-2 share the caption "a red square", image 3 has its own. A perfect model scores every
+    # image equally high against the shared text (it is true of all of them) and low against the others.
+    texts = ["a red square", "a red square", "a red  Square", "a blue circle"]
+    owner = [0, 1, 2, 3]
+    sim = torch.tensor(
+        [
+            [1.0, 1.0, 1.0, 0.0],
+            [1.0, 1.0, 1.0, 0.0],
+            [1.0, 1.0, 1.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    result = recall_at_k(sim, owner, ks=(1, 3))
+    # Image i's caption is the (i+1)-th of three tied texts: ranks 0, 1, 2, and image 3 rank 0.
+    assert result["txt_r1"] == pytest.approx(2 / 4)
+    assert result["txt_r3"] == 1.0
+    assert result["img_r1"] == pytest.approx(2 / 4)
+    assert result["img_r3"] == 1.0
+    assert repeated_captions(texts, owner) == {"a red square": 3}
+    assert repeated_captions(["a", "a", "b"], [0, 0, 1]) == {}  # repeats within one image are not ambiguous
 
 
 def test_separate_t2i_matrix_is_used():
@@ -160,12 +202,12 @@ def test_rerank_outside_shortlist_is_minus_inf_and_misses():
     assert i2t[0].tolist() == pytest.approx([0.9, 0.8, float("-inf"), float("-inf")])
     assert i2t[1].tolist() == pytest.approx([float("-inf"), 0.6, float("-inf"), 0.7])
     assert torch.isfinite(t2i).all()  # only two images: every text shortlists both
-    # Image 0's caption sits at -inf, tied with text 3 and behind texts 0, 1: rank 3 (0-based).
-    # It misses at K=3 although K exceeds the shortlist size, and hits only once K covers every text.
-    result = recall_at_k(i2t, [1, 1, 0, 1], ks=(1, 3, 4), sim_t2i=t2i)
+    # Image 0's caption sits at -inf behind texts 0, 1, tied with text 3 but first of the tie: rank 2 (0-based).
+    # It misses at K=2 (the shortlist size) and hits once K reaches past the shortlist.
+    result = recall_at_k(i2t, [1, 1, 0, 1], ks=(1, 2, 3), sim_t2i=t2i)
     assert result["txt_r1"] == pytest.approx(1 / 2)  # image 1 hits (text 3 first), image 0 misses
-    assert result["txt_r3"] == pytest.approx(1 / 2)
-    assert result["txt_r4"] == 1.0
+    assert result["txt_r2"] == pytest.approx(1 / 2)
+    assert result["txt_r3"] == 1.0
 
 
 def test_rerank_rejects_bad_arguments():

@@ -231,3 +231,31 @@ def test_model_mode_is_restored(model, records):
         assert model.training
     finally:
         model.eval()
+
+
+def test_itm_batch_size_does_not_change_scores(model, records):
+    small = retrieval_scores(model, records, k=4, progress=False, itm_batch_size=3)
+    large = retrieval_scores(model, records, k=4, progress=False, itm_batch_size=256)
+    assert small.itm_pairs == large.itm_pairs
+    torch.testing.assert_close(small.i2t, large.i2t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(small.t2i, large.t2i, atol=1e-5, rtol=1e-5)
+
+
+def test_default_k_follows_the_gallery(model, records):
+    from vlbridge.inference.retrieval import default_k
+
+    assert default_k(6) == 6 and default_k(100) == 16 and default_k(1000) == 50 and default_k(25000) == 128
+    scores = retrieval_scores(model, records, progress=False)  # k=None: every candidate of this small set
+    assert scores.k == {"i2t": 12, "t2i": 6}
+    assert bool(torch.isfinite(scores.i2t).all())
+
+
+def test_repeated_captions_tie_exactly_and_warn(model, records):
+    shared = [CaptionRecord(image=r.image, caption="a shape", image_id=r.image_id) for r in records[:3]]
+    with pytest.warns(UserWarning, match="belong to several images"):
+        result = evaluate_retrieval(model, records + shared, k=3, progress=False)
+    assert result["repeated_captions"]["texts"] == 1
+    assert result["repeated_captions"]["examples"] == ["a shape"]
+    scores = retrieval_scores(model, records + shared, rerank=False, progress=False)
+    columns = scores.itc[:, len(records) :]
+    assert torch.equal(columns, columns[:, :1].expand_as(columns))  # one encoding of the text: exact ties

@@ -9,10 +9,13 @@ Conventions, following the BLIP-2 paper and LAVIS's retrieval evaluation:
 - ``txt_r_mean`` / ``img_r_mean`` average the recalls over the requested K; ``r_mean`` averages
   those two. LAVIS reports percentages; we return **fractions in [0, 1]** (multiply by 100 to
   compare with the paper).
-- **Ties count against the query**: a wrong candidate with exactly the same score as the best
-  correct one is ranked ahead of it. (LAVIS breaks ties by ``np.argsort`` order, which is
-  arbitrary.) ``-inf`` scores (candidates not shortlisted by :func:`rerank_with_itm`) therefore
-  never produce a hit unless K reaches past every candidate.
+- **Ties: rank by sorted order** (the Karpathy / LAVIS evaluation code): a query's rank is the position of
+  its first ground-truth candidate in the candidates sorted by score, descending, with equal scores kept in
+  index order (a stable sort; LAVIS's ``np.argsort`` leaves the order of ties unspecified, we fix it). So a
+  wrong candidate tied with the best correct one ranks ahead of it only if it comes first in the gallery.
+  When several images share a caption text (templated data), their captions tie exactly and the tie is
+  broken by position — :func:`repeated_captions` finds such texts, and the evaluation warns about them.
+  ``-inf`` scores (candidates not shortlisted by :func:`rerank_with_itm`) rank behind every finite score.
 
 The paper's protocol: ITC similarity for all pairs, then for every query its top ``k = 128`` ITC
 candidates are re-scored with ``itm_logit + itc_similarity`` (:func:`rerank_with_itm`), everything
@@ -28,7 +31,7 @@ from torch import Tensor
 
 from vlbridge.errors import InputError
 
-__all__ = ["recall_at_k", "rerank_with_itm", "zero_shot_accuracy"]
+__all__ = ["recall_at_k", "repeated_captions", "rerank_with_itm", "zero_shot_accuracy"]
 
 # Rows of a score matrix processed at once when counting ranks (bounds the temporary masks).
 _ROW_CHUNK = 1024
@@ -55,19 +58,46 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 
 
 def _ranks_of_targets(scores: Tensor, positive: Tensor) -> Tensor:
-    """0-based rank of each row's best positive entry, with ties counted against it.
+    """0-based rank of each row's first positive in the stable descending sort of the row's scores.
+
+    Equal to ``argsort(-scores, stable=True).tolist().index(first positive)`` without sorting: the
+    candidates scoring strictly higher than the best positive, plus those tying with it at a lower index.
 
     Args:
         scores: ``[rows, cols]`` scores.
         positive: ``[rows, cols]`` boolean mask of the correct candidates (at least one per row).
 
     Returns:
-        ``[rows]`` long tensor: the number of negatives scoring at least as high as the best positive.
+        ``[rows]`` long tensor of ranks.
     """
     if not scores.is_floating_point():
         scores = scores.double()
-    best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-    return ((scores >= best) & ~positive).sum(dim=1)
+    cols = scores.shape[1]
+    best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # [rows, 1]
+    index = torch.arange(cols, device=scores.device).expand_as(scores)
+    # The first positive of the sort: the lowest-index positive among those scoring `best`.
+    first = torch.where(positive & (scores == best), index, cols).amin(dim=1, keepdim=True)  # [rows, 1]
+    return ((scores > best) | ((scores == best) & (index < first))).sum(dim=1)
+
+
+def repeated_captions(texts: Sequence[str], text_to_image: Sequence[int]) -> dict[str, int]:
+    """Caption texts that belong to more than one image, with how many images share each.
+
+    Such captions score identically against every image, so retrieval cannot tell their images apart
+    by them; recall then depends on the tie rule (see the module docstring). Texts are compared after
+    lower-casing and collapsing white space.
+
+    Args:
+        texts: The captions.
+        text_to_image: For each caption, the index of its image.
+
+    Returns:
+        ``{text: number of distinct images}`` for every text shared by two or more images.
+    """
+    owners: dict[str, set[int]] = {}
+    for text, image in zip(texts, text_to_image):
+        owners.setdefault(" ".join(str(text).lower().split()), set()).add(int(image))
+    return {t: len(o) for t, o in owners.items() if len(o) > 1}
 
 
 def recall_at_k(
@@ -148,6 +178,9 @@ def rerank_with_itm(
     itm_score_fn: Callable[[list[int], list[int]], Tensor],
     k: int = 128,
     batch_size: int = 64,
+    *,
+    k_t2i: int | None = None,
+    on_pairs: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Re-score each query's top-k ITC candidates with ``itm_logit + itc_similarity``.
 
@@ -164,8 +197,12 @@ def rerank_with_itm(
         itm_score_fn: Called as ``itm_score_fn(image_indices, text_indices)`` with two equally long
             lists of ints; returns a tensor of that many ITM scores (BLIP-2: the positive-class
             logit averaged over the query outputs).
-        k: Candidates per query (the paper uses 128); clipped to the number of candidates.
+        k: Candidates per query (the paper uses 128); clipped to the number of candidates. With ``k_t2i``
+            set, this is the shortlist of image queries (texts per image) only.
         batch_size: Maximum number of pairs per ``itm_score_fn`` call.
+        k_t2i: Images shortlisted per text query (default: ``k``).
+        on_pairs: Called once, before scoring, with the number of distinct pairs to score (e.g. to size a
+            progress bar).
 
     Returns:
         ``(scores_i2t, scores_t2i)`` with shapes ``[n_images, n_texts]`` and ``[n_texts, n_images]``,
@@ -181,13 +218,17 @@ def rerank_with_itm(
         raise InputError(f"k must be a positive integer, got {k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if k_t2i is None:
+        k_t2i = k
+    if isinstance(k_t2i, bool) or not isinstance(k_t2i, int) or k_t2i < 1:
+        raise InputError(f"k_t2i must be a positive integer, got {k_t2i!r}")
     n_images, n_texts = itc_sim.shape
     device = itc_sim.device
     dtype = torch.promote_types(itc_sim.dtype, torch.float32)
     sim = itc_sim.to(dtype)
 
     k_texts = min(k, n_texts)
-    k_images = min(k, n_images)
+    k_images = min(k_t2i, n_images)
     top_texts = sim.topk(k_texts, dim=1).indices  # [n_images, k_texts]
     top_images = sim.T.topk(k_images, dim=1).indices  # [n_texts, k_images]
 
@@ -201,6 +242,8 @@ def rerank_with_itm(
     unique_keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
     pair_image = (unique_keys // n_texts).tolist()
     pair_text = (unique_keys % n_texts).tolist()
+    if on_pairs is not None:
+        on_pairs(len(pair_image))
 
     itm_chunks = []
     with torch.no_grad():
@@ -232,7 +275,7 @@ def zero_shot_accuracy(image_class_sim: Tensor, labels: Tensor | Sequence[int], 
 
     Returns:
         ``{"top1": float, "top5": float, "count": int}`` (one ``top{K}`` per K), fractions in [0, 1].
-        Ties count against the image, as in :func:`recall_at_k`.
+        Ties are broken by sorted order (class index), as in :func:`recall_at_k`.
 
     Raises:
         InputError: On shape mismatches, out-of-range labels, NaN scores or invalid ``ks``.

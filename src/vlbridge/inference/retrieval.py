@@ -29,9 +29,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from vlbridge.errors import InputError
-from vlbridge.eval.retrieval import recall_at_k, rerank_with_itm, zero_shot_accuracy
+from vlbridge.eval.progress import progress_bar
+from vlbridge.eval.retrieval import recall_at_k, repeated_captions, rerank_with_itm, zero_shot_accuracy
 from vlbridge.inference.tasks import _qformer_tokens, _require_heads, pixel_values
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_CACHE_BYTES",
     "RetrievalScores",
+    "default_k",
     "evaluate_retrieval",
     "retrieval_scores",
     "write_report",
@@ -66,6 +67,7 @@ KVs = list[tuple[Tensor, Tensor] | None]  # per Q-Former layer: cross-attention 
 DEFAULT_MAX_CACHE_BYTES = 8 * 2**30  # frozen image features kept for re-ranking (CPU memory)
 _SIM_CHUNK_ELEMENTS = 2**26  # bound on the [rows, Q, T] temporary of the max-over-queries similarity
 _TEXT_BATCH_FACTOR = 4  # text-only passes are cheap: batch this many times more texts than images
+DEFAULT_ITM_BATCH_SIZE = 256  # pairs per ITM pass: 32 left the CPU's matrix units idle (see benchmarks/)
 
 
 # ------------------------------------------------------------------------------------------------------------ results
@@ -82,6 +84,7 @@ class RetrievalScores:
         i2t: ``[n_images, n_texts]`` re-ranked scores (``itm_logit + itc``; ``-inf`` off the shortlist), or None.
         t2i: ``[n_texts, n_images]`` re-ranked scores for text queries, or None.
         itm_pairs: How many distinct (image, text) pairs the ITM head scored.
+        k: The shortlist of each direction (texts per image query ``i2t``, images per text query ``t2i``).
         image_cache: ``"features"`` (frozen features kept for re-ranking), ``"recompute"`` (over the memory
             budget: recomputed from the files) or ``"none"`` (no re-ranking).
         timings: Seconds per stage (``images``, ``texts``, ``similarity``, ``rerank``).
@@ -95,6 +98,7 @@ class RetrievalScores:
     i2t: Tensor | None = None
     t2i: Tensor | None = None
     itm_pairs: int = 0
+    k: dict[str, int] = field(default_factory=dict)  # shortlist used per direction: {"i2t": ..., "t2i": ...}
     image_cache: str = "none"
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -171,10 +175,9 @@ def _eval_mode(model: Blip2) -> Iterator[None]:
         model.train(was_training)
 
 
-def _bar(total: int | None, desc: str, unit: str, enabled: bool) -> tqdm:
-    return tqdm(
-        total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True
-    )
+def _bar(total: int | None, desc: str, unit: str, enabled: bool) -> Any:
+    """A tqdm bar on a terminal, periodic plain lines otherwise (:func:`vlbridge.eval.progress.progress_bar`)."""
+    return progress_bar(total, desc, unit, enabled)
 
 
 def _prefetch(items: Sequence[Any], batch_size: int, load: Callable[[Sequence[Any]], Any]) -> Iterator[Any]:
@@ -247,7 +250,8 @@ class _ImageKV:
     """Cross-attention K/V of the images in the current ITM batch, from kept frozen features or recomputed.
 
     ``get(images)`` returns the K/V for a list of image indices (one row per entry, repeats allowed). The K/V of
-    the images of the previous call are kept, so with pairs sorted by image each image is projected once.
+    the images of the previous call are kept (stacked, one row per image), so with pairs sorted by image each
+    image is projected once; new images are projected together in one call.
     """
 
     def __init__(self, model: Blip2, features: Tensor | None, sources: list[Any], batch_size: int) -> None:
@@ -255,39 +259,58 @@ class _ImageKV:
         self.features = features  # [n_images, N, Dv] on the CPU, or None: recompute from `sources`
         self.sources = sources
         self.batch_size = batch_size
-        self.cache: dict[int, KVs] = {}
+        self.held: dict[int, int] = {}  # image index -> row of `self.kv`
+        self.kv: KVs = []
 
-    def _compute(self, images: list[int]) -> dict[int, KVs]:
-        out: dict[int, KVs] = {}
+    def _compute(self, images: list[int]) -> KVs:
+        """K/V of `images`, stacked in that order (per layer [len(images), nh, N, hd])."""
         model = self.model
+        if self.features is not None:
+            return model.qformer.image_kv(self.features[images].to(model.device))
+        parts = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            if self.features is not None:
-                embeds = self.features[chunk].to(model.device)
-            else:
-                embeds = model.image_embeds(pixel_values(model, [self.sources[i] for i in chunk]))
-            kv = model.qformer.image_kv(embeds)
-            for j, i in enumerate(chunk):
-                out[i] = _index_kv(kv, torch.tensor([j], device=embeds.device))
-        return out
+            chunk = [self.sources[i] for i in images[start : start + self.batch_size]]
+            parts.append(model.qformer.image_kv(model.image_embeds(pixel_values(model, chunk))))
+        layers = zip(*parts)  # per layer: that layer's (keys, values) of every chunk, or Nones
+        return [
+            None if kv[0] is None else (torch.cat([x[0] for x in kv]), torch.cat([x[1] for x in kv])) for kv in layers
+        ]
 
     def get(self, images: list[int]) -> KVs:
         unique = list(dict.fromkeys(images))
-        missing = [i for i in unique if i not in self.cache]
-        fresh = self._compute(missing) if missing else {}
-        cache = {i: self.cache[i] if i in self.cache else fresh[i] for i in unique}
-        self.cache = cache
-        position = {i: n for n, i in enumerate(unique)}
-        rows = torch.tensor([position[i] for i in images], device=self.model.device)
+        kept = [i for i in unique if i in self.held]
+        missing = [i for i in unique if i not in self.held]
+        device = self.model.device
+        fresh = self._compute(missing) if missing else None
+        old_rows = torch.tensor([self.held[i] for i in kept], dtype=torch.long, device=device)
         stacked: KVs = []
-        for layer in range(len(cache[unique[0]])):
-            if cache[unique[0]][layer] is None:
+        n_layers = len(fresh) if fresh is not None else len(self.kv)
+        for layer in range(n_layers):
+            parts = []
+            if kept:
+                kv = self.kv[layer]
+                parts.append(None if kv is None else (kv[0][old_rows], kv[1][old_rows]))
+            if fresh is not None:
+                parts.append(fresh[layer])
+            if parts[0] is None:
                 stacked.append(None)
-                continue
-            keys = torch.cat([cache[i][layer][0] for i in unique])
-            values = torch.cat([cache[i][layer][1] for i in unique])
-            stacked.append((keys[rows], values[rows]))
-        return stacked
+            elif len(parts) == 1:
+                stacked.append(parts[0])
+            else:
+                stacked.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
+        self.kv = stacked
+        self.held = {i: n for n, i in enumerate(kept + missing)}
+        rows = torch.tensor([self.held[i] for i in images], dtype=torch.long, device=device)
+        return _index_kv(stacked, rows)
+
+
+def default_k(gallery: int) -> int:
+    """The re-ranking shortlist for a gallery of ``gallery`` candidates: 5% of it, at least 16, at most 128.
+
+    128 is the paper's value on COCO's 5k test images (2.6% of the images, 0.5% of the 25k captions); a small
+    gallery gets a proportionally larger shortlist, always enough for recall@10.
+    """
+    return max(1, min(gallery, max(16, min(128, math.ceil(0.05 * gallery)))))
 
 
 # ------------------------------------------------------------------------------------------------------------ retrieval
@@ -295,11 +318,12 @@ def retrieval_scores(
     model: Blip2,
     records: Sequence[CaptionRecord],
     *,
-    k: int = 128,
+    k: int | None = None,
     batch_size: int = 32,
     rerank: bool = True,
     progress: bool = True,
     max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    itm_batch_size: int = DEFAULT_ITM_BATCH_SIZE,
 ) -> RetrievalScores:
     """Compute the ITC (and re-ranked) score matrices of a caption set; the metrics come from them.
 
@@ -307,31 +331,41 @@ def retrieval_scores(
         model: A model with stage-1 heads (a retrieval / stage-1 checkpoint).
         records: One record per caption; records sharing an ``image_id`` share their image.
         k: ITC candidates per query re-scored by ITM (the paper uses 128); clipped to the candidate count.
-        batch_size: Images per vision batch and (image, text) pairs per ITM batch; texts are batched 4x larger.
+            None: :func:`default_k` of each direction's gallery (texts for image queries, images for text queries).
+        batch_size: Images per vision batch; texts are batched 4x larger.
         rerank: Re-score the shortlist with ITM (False: ITC only).
-        progress: Show tqdm progress bars on stderr.
+        progress: Progress on stderr (a tqdm bar on a terminal, a plain line every 30 s otherwise).
         max_cache_bytes: Keep the frozen image features for re-ranking only if they fit in this many bytes
             (CPU memory); otherwise recompute them from the files during re-ranking. 0 always recomputes.
+        itm_batch_size: (image, text) pairs per ITM forward pass.
 
     Returns:
-        The :class:`RetrievalScores`.
+        The :class:`RetrievalScores`. Identical caption texts are encoded once, so their ITC scores tie exactly.
 
     Raises:
         InputError: Empty or malformed records, an ``image_id`` used for two different images, a bad ``k`` or
             ``batch_size``, or a model without ITM/ITC heads.
         ImageError: An image file is missing or unreadable.
     """
-    k = _positive_int(k, "k")
+    if k is not None:
+        k = _positive_int(k, "k")
     batch_size = _positive_int(batch_size, "batch_size")
+    itm_batch_size = _positive_int(itm_batch_size, "itm_batch_size")
     if isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes < 0:
         raise InputError(f"max_cache_bytes must be a non-negative integer, got {max_cache_bytes!r}")
     _require_heads(model)
     sources, image_ids, texts, owner = _group_records(records)
     n_images = len(sources)
+    k_i2t = default_k(len(texts)) if k is None else k
+    k_t2i = default_k(n_images) if k is None else k
     timings: dict[str, float] = {}
 
     with _eval_mode(model):
-        ids, mask = _tokenize(model, texts)
+        # Each distinct text is tokenised and encoded once; `text_rows` maps captions to those rows.
+        distinct = list(dict.fromkeys(texts))
+        row_of = {t: n for n, t in enumerate(distinct)}
+        text_rows = torch.tensor([row_of[t] for t in texts], dtype=torch.long)
+        ids, mask = _tokenize(model, distinct)
 
         # Images: frozen features -> cross-attention K/V (once) -> ITC query features.
         t0 = time.perf_counter()
@@ -352,7 +386,8 @@ def retrieval_scores(
         timings["images"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        text_feats = _text_features(model, ids, mask, batch_size * _TEXT_BATCH_FACTOR, progress)  # [T, E]
+        text_feats = _text_features(model, ids, mask, batch_size * _TEXT_BATCH_FACTOR, progress)  # [distinct, E]
+        text_feats = text_feats[text_rows.to(text_feats.device)]  # [T, E]
         timings["texts"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -376,19 +411,22 @@ def retrieval_scores(
         scored = 0
         with _bar(None, "itm re-rank", "pair", progress) as bar:
 
-            def itm_score(images: list[int], text_rows: list[int]) -> Tensor:
+            def itm_score(images: list[int], text_rows_: list[int]) -> Tensor:
                 nonlocal scored
-                rows = torch.tensor(text_rows)
-                b_ids, b_mask = _trimmed(ids[rows], mask[rows])
+                rows = text_rows[torch.tensor(text_rows_)].to(ids.device)
+                b_ids, b_mask = _trimmed(ids[rows], mask[rows])  # padded to the longest text of this batch
                 logits = _itm_match_logit(model, images_kv.get(images), b_ids, b_mask)
                 scored += len(images)
                 bar.update(len(images))
                 return logits.float()
 
-            i2t, t2i = rerank_with_itm(itc, itm_score, k=k, batch_size=batch_size)
+            i2t, t2i = rerank_with_itm(
+                itc, itm_score, k=k_i2t, k_t2i=k_t2i, batch_size=itm_batch_size, on_pairs=lambda n: bar.reset(total=n)
+            )
         timings["rerank"] = time.perf_counter() - t0
         result.i2t, result.t2i = i2t, t2i
         result.itm_pairs = scored
+        result.k = {"i2t": min(k_i2t, len(texts)), "t2i": min(k_t2i, n_images)}
         result.image_cache = "features" if features is not None else "recompute"
         return result
 
@@ -440,13 +478,14 @@ def evaluate_retrieval(
     model: Blip2,
     records: Sequence[CaptionRecord],
     *,
-    k: int = 128,
+    k: int | None = None,
     batch_size: int = 32,
     rerank: bool = True,
     progress: bool = True,
     ks: Sequence[int] = (1, 5, 10),
     max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
     n_examples: int = 5,
+    itm_batch_size: int = DEFAULT_ITM_BATCH_SIZE,
 ) -> dict[str, Any]:
     """Evaluate image-text retrieval with the BLIP-2 protocol and return a JSON-able report.
 
@@ -454,17 +493,20 @@ def evaluate_retrieval(
         model: A model with stage-1 heads (a retrieval / stage-1 checkpoint).
         records: One record per caption (e.g. from ``read_coco_karpathy(..., split="test")``); records sharing an
             ``image_id`` share their image.
-        k: ITC candidates per query re-scored by ITM (the paper uses 128).
-        batch_size: Images per vision batch and pairs per ITM batch.
+        k: ITC candidates per query re-scored by ITM (the paper uses 128); None: :func:`default_k` of each
+            direction's gallery.
+        batch_size: Images per vision batch.
         rerank: Also re-rank with ITM (the paper's numbers); False reports ITC only.
         progress: Show tqdm progress bars on stderr.
         ks: Recall cut-offs.
         max_cache_bytes: Memory budget for keeping frozen image features between the ITC pass and re-ranking
             (see the module docstring).
         n_examples: How many queries per direction get their top-5 candidates listed under ``examples``.
+        itm_batch_size: Pairs per ITM forward pass.
 
     Returns:
-        ``{"task", "counts": {"images", "texts", "itm_pairs"}, "k", "rerank", "ks", "metrics": {"itc": {...},
+        ``{"task", "counts": {"images", "texts", "itm_pairs"}, "k" (as given), "k_used": {"i2t", "t2i"},
+        "rerank", "ks", "tie_rule", "repeated_captions": {"texts", "examples"}, "metrics": {"itc": {...},
         "itm": {...}}`` (``itm`` only with re-ranking; keys as :func:`vlbridge.eval.retrieval.recall_at_k`,
         fractions in [0, 1]), ``"image_cache"``, ``"timings"`` (seconds per stage, ``total``, ``images_per_s``),
         ``"examples": {"image_to_text": [...], "text_to_image": [...]}`` (scores are the re-ranked ones when
@@ -488,7 +530,16 @@ def evaluate_retrieval(
         rerank=rerank,
         progress=progress,
         max_cache_bytes=max_cache_bytes,
+        itm_batch_size=itm_batch_size,
     )
+    repeated = repeated_captions(scores.texts, scores.text_to_image)
+    if repeated:
+        shown = ", ".join(f"{t!r} ({n} images)" for t, n in sorted(repeated.items(), key=lambda x: -x[1])[:3])
+        warnings.warn(
+            f"{len(repeated)} caption texts belong to several images (e.g. {shown}): their images cannot be told "
+            "apart by them, and recall ranks such ties by gallery order (the Karpathy rule)",
+            stacklevel=2,
+        )
     t0 = time.perf_counter()
     metrics = {"itc": recall_at_k(scores.itc, scores.text_to_image, ks)}
     if rerank:
@@ -506,8 +557,11 @@ def evaluate_retrieval(
         "task": "retrieval",
         "counts": {"images": len(scores.images), "texts": len(scores.texts), "itm_pairs": scores.itm_pairs},
         "k": k,
+        "k_used": scores.k or None,
         "rerank": rerank,
         "ks": list(ks),
+        "tie_rule": "sorted order: rank of the first ground truth in a stable descending sort (Karpathy)",
+        "repeated_captions": {"texts": len(repeated), "examples": sorted(repeated, key=lambda t: -repeated[t])[:5]},
         "metrics": metrics,
         "image_cache": scores.image_cache,
         "timings": {name: round(value, 4) for name, value in timings.items()},
