@@ -152,19 +152,25 @@ def stage1_losses(
 
 
 def trim_text_padding(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop the trailing columns that are padding in every caption of the global batch.
+    """Give the text the length of the longest caption of the global batch: trim or pad every rank's columns.
 
-    Captions are padded to a fixed `max_length` (equal shapes on every rank), mostly far longer than the longest
-    caption of a batch. Padded keys are masked out and padded positions carry no loss, so removing the columns
-    where every rank's every caption is padding changes no loss or gradient; it removes their compute from the
-    text, ITM and ITG passes. Ranks agree on the new length, so gathered text still has one shape.
+    Captions may be padded to a fixed `max_length` (mostly far longer than the longest caption of a batch), or
+    per batch to the longest caption of each rank (`training.data.TokenizingCollate`), which differs between
+    ranks. Padded keys are masked out and padded positions carry no loss, so removing the columns where every
+    rank's every caption is padding, or appending such columns, changes no loss or gradient; trimming removes
+    their compute from the text, ITM and ITG passes. Ranks agree on the new length, so gathered text has one
+    shape.
     """
     real = attention_mask.bool().any(dim=0).nonzero()  # columns holding a real token in some caption
     used = int(real.max()) + 1 if len(real) else 1
     length = int(D.gather_no_grad(torch.tensor([used], device=attention_mask.device)).max())
-    if length == input_ids.shape[1]:
+    width = input_ids.shape[1]
+    if length == width:
         return input_ids, attention_mask
-    return input_ids[:, :length], attention_mask[:, :length]
+    if length < width:
+        return input_ids[:, :length], attention_mask[:, :length]
+    extra = length - width  # another rank has a longer caption: append masked padding columns
+    return F.pad(input_ids, (0, extra)), F.pad(attention_mask, (0, extra))
 
 
 def _scale_grad(x: Tensor, scale: float) -> Tensor:

@@ -38,7 +38,8 @@ class EpochSampler(Sampler[int]):
 
 
 class TokenizingCollate:
-    """Stack samples, refill skipped slots with kept samples (ranks need equal batch sizes), tokenise text."""
+    """Stack samples, refill skipped slots with kept samples (ranks need equal batch sizes), tokenise text (padded
+    to the longest caption of the batch)."""
 
     def __init__(self, tokenizer, max_length: int, feature_key: str) -> None:
         self.tokenizer, self.max_length, self.feature_key = tokenizer, max_length, feature_key
@@ -54,8 +55,10 @@ class TokenizingCollate:
             batch[self.feature_key] = batch[self.feature_key][refill]
             batch["text"] = [batch["text"][i] for i in refill]
             batch["image_id"] = [batch["image_id"][i] for i in refill]
+        # Padded to the longest caption of this batch (at most max_length); under several processes the step
+        # pads every rank to the global longest (`objectives.stage1.trim_text_padding`).
         enc = self.tokenizer(
-            batch["text"], padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            batch["text"], padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         batch["input_ids"], batch["attention_mask"] = enc.input_ids, enc.attention_mask
         return batch

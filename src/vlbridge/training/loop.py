@@ -67,6 +67,7 @@ class Stage1Module(nn.Module):
             ids,
             dec_token_id=self.dec_token_id,
             generator=generator,
+            trim_padding=D.world_size() > 1,  # ranks pad to their own longest caption: agree on one length
         )
 
 
