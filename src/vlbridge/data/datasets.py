@@ -99,10 +99,19 @@ class VqaRecord:
     question_id: str | None = None
 
 
+def _not_a_file(path: Path) -> str:
+    """Why a file to read is not there, in words (a folder, a symlink loop, missing)."""
+    if path.is_dir():
+        return "is a folder, not a file"
+    from vlbridge.data.images import _why_missing
+
+    return _why_missing(path).replace("does not exist", "not found")
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line number, object)`` for each non-blank line; any malformed line is an InputError."""
     if not path.is_file():
-        raise InputError(f"manifest not found: {path}")
+        raise InputError(f"manifest {path} {_not_a_file(path)}")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -269,7 +278,7 @@ def read_coco_karpathy(
     """
     json_path, image_root = Path(json_path), Path(image_root)
     if not json_path.is_file():
-        raise InputError(f"COCO annotation file not found: {json_path}")
+        raise InputError(f"COCO annotation file {json_path} {_not_a_file(json_path)}")
     try:
         data = json.loads(json_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -21,6 +21,7 @@ a white background rather than dropped, so transparent regions come out white, n
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -136,6 +137,20 @@ def _describe(source: object) -> str:
     return f"'{source}'"
 
 
+def _why_missing(path: Path) -> str:
+    """Why ``path.exists()`` is False, in words: missing, a broken symlink, a symlink loop, unreachable."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if path.is_symlink():
+            return f"is a broken symlink (to {os.readlink(path)})"
+        if e.errno not in (errno.ENOENT, None):
+            return f"cannot be reached: {e.strerror}"
+    return "does not exist"
+
+
 def _check_size(size: tuple[int, int], what: str, max_pixels: int) -> None:
     width, height = size
     if width <= 0 or height <= 0:
@@ -165,7 +180,7 @@ def _open_checked(source: str | os.PathLike | Image.Image, *, max_pixels: int = 
     path = Path(source)
     what = _describe(source)
     if not path.exists():
-        raise ImageError(f"image file {what} does not exist")
+        raise ImageError(f"image file {what} {_why_missing(path)}")
     if path.is_dir():
         raise ImageError(f"image path {what} is a directory, not a file")
     if path.stat().st_size == 0:
@@ -496,4 +511,16 @@ class ImageProcessor:
             raise InputError(
                 f"pixel_values tensor has shape {list(tensor.shape)}; expected [3, {size}] or [B, 3, {size}]"
             )
-        return tensor.to(torch.float32)
+        return check_finite(tensor.to(torch.float32))
+
+
+def check_finite(pixels: torch.Tensor) -> torch.Tensor:
+    """``pixels`` itself; NaN or infinite pixel values (which would poison every output) are refused.
+
+    Raises:
+        InputError: The tensor holds a NaN or an infinity.
+    """
+    if pixels.is_floating_point() and not bool(torch.isfinite(pixels).all()):
+        bad = int((~torch.isfinite(pixels)).sum())
+        raise InputError(f"pixel_values contain {bad} NaN or infinite values; pass finite preprocessed pixels")
+    return pixels

@@ -12,6 +12,7 @@ Shapes: B batch, K beams, P prefix length, D LLM width, V vocabulary, L generate
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -165,6 +166,24 @@ def generate(
     Returns:
         Generated token ids [B, L] (prompt excluded), padded with `pad_token_id` after the end.
     """
+    with warnings.catch_warnings():
+        # transformers warns on every call that `past_key_values` will be renamed; we pass a Cache object, which
+        # every version takes, so the warning tells the user nothing.
+        warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
+        return _generate(lm, prefix_embeds, prefix_mask, settings, eos_token_ids, pad_token_id,
+                         decoder_start_token_id, generator)  # fmt: skip
+
+
+def _generate(
+    lm: PreTrainedModel,
+    prefix_embeds: Tensor,
+    prefix_mask: Tensor,
+    settings: GenerationSettings,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    decoder_start_token_id: int | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=prefix_embeds.device)
     stepper = _Stepper(lm, prefix_embeds, prefix_mask)
     B = prefix_embeds.shape[0]

@@ -58,7 +58,9 @@ def _texts(texts, name: str, n: int | None = None) -> list[str]:
 def pixel_values(model: Blip2, images) -> Tensor:
     """Preprocess images with the checkpoint's processor settings -> [B, 3, H, W]."""
     if isinstance(images, Tensor) and images.dim() == 4:
-        return images
+        from vlbridge.data.images import check_finite
+
+        return check_finite(images)
     if model.image_processor is None:
         raise InputError("this model has no image processor settings: pass preprocessed pixel_values tensors")
     return model.image_processor(images)
@@ -134,6 +136,52 @@ def _prompt_tokens(model: Blip2, prompt: str) -> list[int]:
     return model.tokenizer(prompt).input_ids
 
 
+# --------------------------------------------------------------------------------------------- length limits
+def max_positions(model: Blip2) -> int | None:
+    """How many positions the LLM can attend over (soft prompt + text + generated), or None for no fixed limit.
+
+    Decoder-only LLMs with learned or rotary positions have one (`max_position_embeddings`, GPT-2's
+    `n_positions`); T5's relative positions have none.
+    """
+    lm = model.language_model
+    if lm is None or lm.config.is_encoder_decoder:
+        return None
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(lm.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _num_queries(model: Blip2) -> int:
+    return int(model.qformer.query_tokens.shape[1])
+
+
+def check_fits(model: Blip2, token_lists: list[list[int]], extra: int, what: str) -> None:
+    """Refuse inputs that, with the soft prompt and `extra` more tokens, exceed the LLM's positions.
+
+    Raises:
+        InputError: Names the input, its length in tokens and the limit.
+    """
+    limit = max_positions(model)
+    if limit is None:
+        return
+    Q = _num_queries(model)
+    longest = max(len(t) for t in token_lists)
+    if Q + longest + extra <= limit:
+        return
+    room = limit - Q - longest
+    if room >= 1 and extra > 1 and what != "text":  # the input fits; only the generation budget does not
+        raise InputError(
+            f"max_new_tokens={extra} does not fit: the {what} takes {Q} + {longest} of the model's {limit} "
+            f"positions, so at most {room} new tokens can be generated"
+        )
+    raise InputError(
+        f"{what} too long: {longest} tokens, but the model has {limit} positions, {Q} of them for the image "
+        f"(at most {max(0, limit - Q - extra)} tokens here); shorten it"
+    )
+
+
 # --------------------------------------------------------------------------------------------- generation
 @torch.inference_mode()
 def generate_text(
@@ -154,10 +202,12 @@ def generate_text(
         raise InputError("this model has no language model: it can match and compare (itm/itc) but not generate")
     out: list[str] = []
     for sl in _chunks(len(images), batch_size):
-        pixels = pixel_values(model, images[sl])
         batch_prompts = prompts[sl]
+        token_lists = [_prompt_tokens(model, p) for p in batch_prompts]
+        check_fits(model, token_lists, settings.max_new_tokens, "prompt")
+        pixels = pixel_values(model, images[sl])
         soft = _soft_prompts(model, pixels, batch_prompts)
-        embeds, mask, _, _ = assemble_prefix(model, soft, [_prompt_tokens(model, p) for p in batch_prompts])
+        embeds, mask, _, _ = assemble_prefix(model, soft, token_lists)
         tokens = generate(
             lm,
             embeds,
@@ -246,11 +296,22 @@ class Chat:
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams)
 
     def prompt(self, message: str) -> str:
+        """The prompt for `message`: as many of the latest turns as fit the LLM's positions, oldest dropped first."""
         style = self.model.config.prompts
         turns = [style.chat_turn.format(q, a) for q, a in self.history]
-        return " ".join([*turns, style.vqa_template.format(message.strip())])
+        question = style.vqa_template.format(message.strip())
+        limit = max_positions(self.model)
+        if limit is None or self.model.tokenizer is None:
+            return " ".join([*turns, question])
+        budget = limit - _num_queries(self.model) - self.settings.max_new_tokens
+        for start in range(len(turns) + 1):  # drop the oldest turn until the rest fits
+            text = " ".join([*turns[start:], question])
+            if len(_prompt_tokens(self.model, text)) <= budget:
+                return text
+        return question  # does not fit even alone: generate_text says so
 
     def ask(self, message: str) -> str:
+        """Answer `message`, with the earlier turns that fit replayed in the prompt."""
         (message,) = _texts(message, "messages", 1)
         reply = generate_text(self.model, self.pixels, [self.prompt(message)], self.settings)[0]
         self.history.append((message.strip(), reply))
@@ -287,6 +348,7 @@ def score(
         pixels = pixel_values(model, images[sl])
         soft = _soft_prompts(model, pixels, prompts[sl])
         prompt_tokens = [_prompt_tokens(model, p) for p in prompts[sl]]
+        check_fits(model, prompt_tokens, 1, "prompt")
         if lm.config.is_encoder_decoder:
             targets = [model.tokenizer(t).input_ids for t in texts[sl]]  # T5 appends </s>
             out.extend(_score_encoder_decoder(model, soft, prompt_tokens, targets))
@@ -294,6 +356,7 @@ def score(
             targets = [
                 model.tokenizer(" " + t.strip(), add_special_tokens=False).input_ids + eos[:1] for t in texts[sl]
             ]
+            check_fits(model, [p + t for p, t in zip(prompt_tokens, targets)], 0, "text")
             out.extend(_score_decoder(model, soft, prompt_tokens, targets))
     return out
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from vlbridge.config import from_dict, save_yaml, to_dict
 from vlbridge.data.datasets import SkipReport
-from vlbridge.errors import ConfigError, TrainingError
+from vlbridge.errors import ConfigError, InputError, TrainingError
 from vlbridge.models.blip2 import Blip2
 from vlbridge.models.builder import build_model
 from vlbridge.objectives.stage1 import Stage1Output, stage1_losses
@@ -107,6 +107,11 @@ def _feature_cache(cfg: TrainConfig, model: Blip2, images: list):
         cache = FeatureCache.get_or_build(
             model.vision, images, cfg.data.feature_cache, progress=cfg.run.progress, **build
         )
+        try:  # every byte once per run (~4 GB/s): training on silently damaged features is worse than a rebuild
+            cache.verify()
+        except InputError as exc:
+            print(f"vlbridge: warning: {exc}; rebuilding the feature cache", file=sys.stderr)
+            cache = FeatureCache.build(model.vision, images, cfg.data.feature_cache, progress=cfg.run.progress, **build)
     D.barrier()
     if cache is None:
         cache = FeatureCache.get_or_build(model.vision, images, cfg.data.feature_cache, progress=False, **build)
