@@ -3,14 +3,18 @@ from BERT or from scratch, optionally a frozen LLM — the stage-1 / stage-2 sta
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlbridge.bridges.qformer import QFormer, QFormerConfig, qformer_from_bert, qformer_tokenizer
-from vlbridge.encoders.vision import FrozenVisionEncoder, load_vision_model
-from vlbridge.errors import ConfigError
+from vlbridge.encoders.vision import FrozenVisionEncoder, build_vision_model, load_vision_model
+from vlbridge.errors import CheckpointError, ConfigError
 from vlbridge.models.blip2 import Blip2, Blip2Config, PromptStyle
 
 
@@ -40,11 +44,20 @@ def build_model(cfg: ModelConfig) -> Blip2:
     from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
     from vlbridge.interop.hf import resolve
 
-    if not cfg.vision:
+    saved = None
+    if cfg.init_from is not None:  # the architecture the checkpoint was saved with, unless the config says otherwise
+        saved = saved_architecture(cfg.init_from)
+        if saved is not None:
+            cfg = inherit_architecture(cfg, saved, cfg.init_from)
+    if not cfg.vision and saved is None:
         raise ConfigError("model.vision is required: a vision model folder or hub id")
     dtype = getattr(torch, cfg.dtype)
-    vision_path = resolve(cfg.vision)
-    vision = FrozenVisionEncoder(load_vision_model(vision_path, dtype=dtype), layer=cfg.vision_layer)
+    if cfg.vision:
+        vision_path = resolve(cfg.vision)
+        vision = FrozenVisionEncoder(load_vision_model(vision_path, dtype=dtype), layer=cfg.vision_layer)
+    else:  # the frozen encoder stored in the init_from checkpoint (config + weights)
+        vision_path = Path(cfg.init_from)
+        vision = FrozenVisionEncoder(build_vision_model(saved.vision).to(dtype), layer=cfg.vision_layer)
 
     if cfg.qformer_init is not None:
         bert_path = resolve(cfg.qformer_init)
@@ -108,8 +121,75 @@ def build_model(cfg: ModelConfig) -> Blip2:
         image_config = ImageProcessorConfig(image_size=(vision.image_size, vision.image_size))
     model.image_processor = ImageProcessor(image_config)
     if cfg.init_from is not None:
-        load_trainable(model, cfg.init_from)
+        load_trainable(model, cfg.init_from, vision=not cfg.vision)
     return model
+
+
+def saved_architecture(source: str | os.PathLike) -> Blip2Config | None:
+    """The model config a vlbridge checkpoint folder was saved with (its `vlbridge.json`), or None without one."""
+    file = Path(source) / "vlbridge.json"
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+        return Blip2Config.from_dict(meta["config"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable model config ({type(exc).__name__}: {exc})") from exc
+
+
+# Q-Former fields that follow the vision encoder (or are ModelConfig fields of their own) rather than `model.qformer`.
+_NOT_QFORMER_FIELDS = {"num_query_tokens", "cross_attention_frequency", "encoder_hidden_size", "image_position",
+                       "num_image_tokens"}  # fmt: skip
+
+
+def inherit_architecture(cfg: ModelConfig, saved: Blip2Config, source: str | os.PathLike) -> ModelConfig:
+    """`cfg` with the architecture of an `init_from` checkpoint filled in.
+
+    Inherited, so a stage-2 config need not repeat them: the Q-Former's sizes, query count, cross-attention
+    frequency and image position (the checkpoint's weights replace any BERT initialisation, so `qformer_init` is
+    not loaded), its Q-Former tokenizer, the vision layer, and — when `model.vision` is empty — the frozen vision
+    encoder stored in the checkpoint. A field the config sets to something other than its default and other than
+    the checkpoint's value is an error, since the weights could not fit.
+
+    Raises:
+        ConfigError: naming each conflicting field with both values.
+    """
+    defaults = ModelConfig()
+    q = saved.qformer
+    changes: dict[str, Any] = {}
+    conflicts = []
+
+    def take(name: str, theirs: Any) -> None:
+        mine = getattr(cfg, name)
+        if mine == theirs:
+            return
+        if mine != getattr(defaults, name):
+            conflicts.append(f"model.{name}={mine!r} (saved with {theirs!r})")
+        changes[name] = theirs
+
+    take("num_query_tokens", q.num_query_tokens)
+    take("cross_attention_frequency", q.cross_attention_frequency)
+    if hasattr(defaults, "image_position") and hasattr(q, "image_position"):
+        take("image_position", q.image_position)
+    if not cfg.vision:
+        take("vision_layer", saved.vision_layer)
+    sizes = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name not in _NOT_QFORMER_FIELDS}
+    for key, value in cfg.qformer.items():
+        if key in sizes and sizes[key] != value and key not in ("dropout", "attention_dropout"):
+            conflicts.append(f"model.qformer.{key}={value!r} (saved with {sizes[key]!r})")
+    if conflicts:
+        raise ConfigError(
+            f"model.init_from={source} was saved with another architecture: {'; '.join(conflicts)}. "
+            "Drop these settings to inherit the checkpoint's"
+        )
+    changes["qformer"] = {**sizes, **{k: v for k, v in cfg.qformer.items() if k in ("dropout", "attention_dropout")}}
+    changes["qformer_init"] = None
+    tokenizer = Path(source) / "qformer_tokenizer"
+    if cfg.tokenizer is None and tokenizer.is_dir():
+        changes["tokenizer"] = str(tokenizer)
+    elif cfg.tokenizer is None and cfg.qformer_init is not None:
+        changes["tokenizer"] = cfg.qformer_init
+    return dataclasses.replace(cfg, **changes)
 
 
 def _vision_config(vision: FrozenVisionEncoder) -> dict[str, Any]:
@@ -118,21 +198,51 @@ def _vision_config(vision: FrozenVisionEncoder) -> dict[str, Any]:
     return d
 
 
-def load_trainable(model: Blip2, source: str) -> None:
-    """Copy the bridge weights of a vlbridge checkpoint (native or training) into `model` where names match."""
-    from pathlib import Path
+def load_trainable(model: Blip2, source: str, *, vision: bool = False) -> None:
+    """Copy the bridge weights of a vlbridge checkpoint (native or training) into `model`.
 
+    Every weight of the checkpoint that this model has must fit its shape; weights the model lacks (e.g. the
+    stage-1 heads in a stage-2 model) are left out, and the model's weights the checkpoint lacks (e.g. a new
+    language projection) keep their initialisation.
+
+    Args:
+        model: The freshly built model.
+        source: A vlbridge checkpoint folder (or its `model.safetensors`).
+        vision: Also load the frozen vision encoder's weights from the checkpoint (it was built from there).
+
+    Raises:
+        CheckpointError: No weights file, no weight in common, or shapes that differ (each tensor named, with
+            both shapes), or vision weights missing when `vision` is set.
+    """
     from safetensors.torch import load_file
-
-    from vlbridge.errors import CheckpointError
 
     path = Path(source)
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.exists():
         raise CheckpointError(f"{source}: no model.safetensors")
-    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith(("vision.", "language_model."))}
+    everything = load_file(str(weights))
+    state = {k: v for k, v in everything.items() if not k.startswith(("vision.", "language_model."))}
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and own[k].shape != v.shape]  # fmt: skip
+    if mismatched:
+        raise CheckpointError(
+            f"{source}: {len(mismatched)} weights do not fit this model (checkpoint vs model): "
+            f"{'; '.join(mismatched[:6])}{' ...' if len(mismatched) > 6 else ''}. The model config differs from the "
+            "one the checkpoint was saved with (Q-Former sizes, query count, vision width, embed_dim)"
+        )
+    usable = {k: v for k, v in state.items() if k in own}
     if not usable:
         raise CheckpointError(f"{source}: no weights fit this model")
+    if vision:
+        prefix = "vision."
+        vision_state = {k[len(prefix) :]: v for k, v in everything.items() if k.startswith(prefix)}
+        try:
+            result = model.vision.load_state_dict(vision_state, strict=False)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{source}: vision weights do not fit ({' '.join(str(exc).split())[:300]})") from exc
+        if result.missing_keys:
+            raise CheckpointError(
+                f"{source}: has no frozen vision weights ({result.missing_keys[:3]} ...): set model.vision"
+            )
     model.load_state_dict(usable, strict=False)
