@@ -544,7 +544,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # Overrides may come after the flags too (`train c.yaml --resume optim.lr=1e-4`), which argparse cannot
+        # parse with a sub-command, so stray `key=value` items join the command's overrides.
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = [*args.overrides, *extra]
     except UsageError as exc:
         _error(str(exc))
         return 2
