@@ -39,6 +39,7 @@ from vlbridge.training.checkpoint import (
     step_folders,
 )
 from vlbridge.training.data import EpochSampler, TokenizingCollate
+from vlbridge.training.defaults import apply_defaults
 from vlbridge.training.optim import lr_at, make_optimizer, set_lr
 from vlbridge.training.recipe import TrainConfig, validate
 from vlbridge.utils.io import dumps, finite, recover_dir, storage_error, write_json, write_text
@@ -215,6 +216,7 @@ def train(
         raise ConfigError(f"{len(dataset)} samples do not fill one step of {B} x {world} ranks x {accumulate}")
     steps_per_epoch = micro_per_epoch // accumulate
     total = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
+    cfg = apply_defaults(cfg, total_steps=total, world=world, announce=D.is_main())  # "auto" settings resolved
 
     step_module = module
     if world > 1:  # stage 2 leaves the Q-Former's text side unused unless instruction-aware

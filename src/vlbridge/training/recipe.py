@@ -19,7 +19,9 @@ class DataConfig:
     val: str | None = None  # a caption manifest (JSONL) for retrieval evaluation at the end
     max_text_length: int = 32
     batch_size: int = 32
-    num_workers: int = 2
+    # "auto" (here and in optim.warmup_steps, run.precision): chosen at train start from the machine and the run
+    # length by `vlbridge.training.defaults`, printed, and saved resolved in the run's config.yaml.
+    num_workers: int | Literal["auto"] = "auto"
     augment: bool = True  # RandomResizedCrop(0.5-1) + flip
     hflip: float = 0.5  # set 0 when captions mention left/right
     feature_cache: str | None = None  # folder: cache the frozen encoder's output (once per image and view)
@@ -31,7 +33,7 @@ class DataConfig:
 class OptimConfig:
     lr: float = 1e-4
     min_lr: float = 1e-5
-    warmup_steps: int = 2000
+    warmup_steps: int | Literal["auto"] = "auto"  # "auto": 5% of the run's steps, at most 2000
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = 1.0
@@ -47,7 +49,7 @@ class RunConfig:
     save_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
     log_every: int = 10
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for the forward pass
+    precision: Literal["fp32", "bf16", "auto"] = "auto"  # bf16 autocast for the forward pass; "auto": bf16 on a GPU
     gradient_checkpointing: bool = False
     device: str = "cpu"
     progress: bool = True
