@@ -451,11 +451,13 @@ def _check_skips(report: SkipReport, epoch: int, epoch_samples: int, max_fractio
     if not report.count:
         return
     first = report.entries[0]
-    if final and report.samples == 0:
+    doomed = report.count > max_fraction * max(epoch_samples, 1)
+    if report.samples == 0 and (final or doomed):
         raise TrainingError(
-            f"epoch {epoch}: no usable sample, all {report.count} were skipped (first: {first[0]}: {first[1]})"
+            f"epoch {epoch}: no usable sample, all {report.count} read so far were skipped "
+            f"(first: {first[0]}: {first[1]})"
         )
-    if report.count > max_fraction * max(epoch_samples, 1):
+    if doomed:
         raise TrainingError(
             f"epoch {epoch}: {report.count} of {epoch_samples} samples skipped, more than data.max_skip_fraction="
             f"{max_fraction} (first: {first[0]}: {first[1]}); fix the data or raise data.max_skip_fraction"
