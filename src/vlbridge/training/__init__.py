@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def train_main(args: argparse.Namespace) -> int:
@@ -27,9 +26,9 @@ def train_main(args: argparse.Namespace) -> int:
 def eval_main(args: argparse.Namespace) -> int:
     """`vlbridge eval CONFIG.yaml [key=value ...]`."""
     from vlbridge.config import load_yaml
-    from vlbridge.eval.run import EvalConfig, evaluate
+    from vlbridge.eval.run import EvalConfig, evaluate, summary_text
 
     cfg = load_yaml(EvalConfig, args.config, args.overrides)
     report = evaluate(cfg)
-    print(json.dumps(report.get("metrics", report), default=str))
+    print(summary_text(report))  # the headline numbers; the whole report is the JSON file at cfg.output
     return 0
