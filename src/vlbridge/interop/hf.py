@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -390,21 +388,8 @@ def _write_hf_files(model: Blip2, hf: nn.Module, tmp: Path, arch: str) -> None:
     )
 
 
-def _write_atomically(directory: str | os.PathLike, write) -> Path:
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+def _write_atomically(directordef _write_atomically(directory: str | os.PathLike, write) -> Path:
+    """Write a checkpoint folder atomically (see :func:`vlbridge.utils.io.atomic_dir`)."""
+    from vlbridge.utils.io import atomic_dir
+
+    return atomic_dir(directory, write)
