@@ -10,7 +10,9 @@ from vlbridge.encoders.vision import FrozenVisionEncoder
 from vlbridge.models.blip2 import Blip2, Blip2Config
 
 
-def tiny_stage1(*, dropout: float = 0.0, seed: int = 0, queries: int = 4, vision_width: int = 20) -> Blip2:
+def tiny_stage1(
+    *, dropout: float = 0.0, seed: int = 0, queries: int = 4, vision_width: int = 20, image_position: str = "none"
+) -> Blip2:
     torch.manual_seed(seed)
     vcfg = transformers.Blip2VisionConfig(
         hidden_size=vision_width,
@@ -33,6 +35,8 @@ def tiny_stage1(*, dropout: float = 0.0, seed: int = 0, queries: int = 4, vision
         max_position_embeddings=32,
         dropout=dropout,
         attention_dropout=dropout,
+        image_position=image_position,
+        num_image_tokens=5,  # 2x2 patches + [CLS]
     )
     config = Blip2Config(qformer=qcfg, vision=vcfg.to_dict(), embed_dim=12)
     return Blip2(config=config, vision=vision)

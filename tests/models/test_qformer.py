@@ -145,3 +145,61 @@ def test_batch_size_one():
     qf = small()
     image, ids, mask = inputs(B=1)
     assert qf(image_embeds=image, input_ids=ids, attention_mask=mask).hidden_states.shape == (1, 4 + 6, 24)
+
+
+# ------------------------------------------------------------------------------------ position on the image keys
+def test_image_positions_make_cross_attention_see_where_tokens_are():
+    """Without positions, permuting the image tokens leaves the query outputs unchanged (a set); with them not."""
+    from vlbridge.bridges.qformer import QFormer, QFormerConfig
+
+    feats = torch.randn(2, 17, 20)  # [CLS] + 4x4 patches
+    perm = torch.cat([torch.tensor([0]), 1 + torch.randperm(16, generator=torch.Generator().manual_seed(0))])
+    for kind in ("none", "sincos", "learned"):
+        torch.manual_seed(0)
+        cfg = QFormerConfig(
+            hidden_size=24, num_layers=2, num_heads=3, intermediate_size=40, num_query_tokens=3,
+            encoder_hidden_size=20, vocab_size=50, dropout=0.0, attention_dropout=0.0,
+            image_position=kind, num_image_tokens=17,
+        )  # fmt: skip
+        q = QFormer(config=cfg).eval()
+        a = q(image_embeds=feats).query_output
+        b = q(image_embeds=feats[:, perm]).query_output
+        assert torch.allclose(a, b, atol=1e-5) == (kind == "none"), kind
+
+
+def test_sincos_positions_are_distinct_per_patch_and_zero_for_cls():
+    from vlbridge.bridges.position import grid_side, sincos_2d
+
+    table = sincos_2d(65, 128)
+    assert table.shape == (65, 128) and table[0].abs().sum() == 0
+    assert torch.cdist(table[1:], table[1:]).add(torch.eye(64)).min() > 0.1
+    assert grid_side(64) == (8, 0) and grid_side(50) == (7, 1)
+    with pytest.raises(ValueError, match="square grid"):
+        sincos_2d(40, 16)
+
+
+def test_learned_positions_train_and_round_trip_natively(tmp_path):
+    import vlbridge
+    from stage1_factory import tiny_stage1
+
+    model = tiny_stage1(image_position="learned")
+    assert model.qformer.image_position.table.requires_grad
+    model.qformer.image_position.table.data.add_(torch.randn(5, 20))
+    model.eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    before = model.itc_image_features(model.image_embeds(pixels))
+    from vlbridge.interop.native import save_native
+
+    save_native(model, tmp_path / "m")
+    loaded = vlbridge.load(str(tmp_path / "m"))
+    assert loaded.qformer.config.image_position == "learned"
+    assert torch.allclose(loaded.itc_image_features(loaded.image_embeds(pixels)), before, atol=1e-6)
+
+
+def test_positions_cannot_be_exported_to_transformers(tmp_path):
+    from stage1_factory import tiny_stage1
+    from vlbridge.errors import CheckpointError
+    from vlbridge.interop.hf import save_hf
+
+    with pytest.raises(CheckpointError, match="format='native'"):
+        save_hf(tiny_stage1(image_position="sincos"), tmp_path / "hf")

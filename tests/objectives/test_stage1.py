@@ -169,3 +169,82 @@ def test_trimming_padding_shared_by_the_whole_batch_changes_no_loss_or_gradient(
     for name in ("itc_loss", "itm_loss", "itg_loss"):
         assert float(getattr(a, name)) == pytest.approx(float(getattr(b, name)), abs=1e-6)
     assert len(ga) == len(gb) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+
+
+# ------------------------------------------------------------------------------- true matches beyond the image id
+def test_identical_texts_on_different_images_are_itc_positives_and_never_itm_negatives():
+    from vlbridge.objectives.positives import positive_pairs, text_codes
+
+    feats, ids, mask = batch(B=6)
+    ids[3], mask[3] = ids[1], mask[1]  # image 3 has the same caption as image 1
+    codes = id_codes([f"img{i}" for i in range(6)])
+    pos = positive_pairs(codes, text_codes(ids, mask))
+    assert pos[1, 3] and pos[3, 1] and pos.sum() == 6 + 2
+    # a text that is a prefix of another is another text, whatever the padding holds
+    ids2, mask2 = ids.clone(), mask.clone()
+    ids2[5], mask2[5] = ids[4], mask[4]
+    mask2[5, -2:] = 0
+    codes2 = text_codes(ids2, mask2)
+    assert codes2[5] != codes2[4]
+    sim = torch.zeros(6, 6)
+    sim[1, 3] = sim[3, 1] = 5.0  # the duplicate looks like the hardest negative
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        neg_image, neg_text = sample_negatives(sim, pos, generator=g)
+        assert not pos[neg_image, torch.arange(6)].any() and not pos[torch.arange(6), neg_text].any()
+    # by image id alone (LAVIS) the duplicate is drawn almost always
+    neg_image, _ = sample_negatives(sim, codes, temperature=0.07, generator=g)
+    assert neg_image[1] == 3 and neg_image[3] == 1
+    # ITC shares the target mass between the two true matches
+    from vlbridge.objectives.itc import soft_targets
+
+    t = soft_targets(pos, 0.0)
+    assert t[1, 1] == pytest.approx(0.5) and t[1, 3] == pytest.approx(0.5) and t[0, 0] == 1
+
+
+def test_text_positives_decide_the_itm_pairs_in_the_objective():
+    model = tiny_stage1()
+    feats, ids, mask = batch(B=2)
+    ids[1], mask[1] = ids[0], mask[0]  # two images, one caption: no true negative exists in this batch
+    codes = id_codes(["a", "b"])
+    with torch.no_grad():  # an ITM head that says "no match" to everything: right on every kept negative
+        model.itm_head.weight.zero_()
+        model.itm_head.bias.copy_(torch.tensor([5.0, -5.0]))
+    run = lambda **kw: stage1_losses(model, feats, ids, mask, codes, dec_token_id=DEC, **kw)  # noqa: E731
+    by_id = run(text_positives=False)  # LAVIS: the other image is drawn as a "negative" and counted
+    assert float(by_id.itm_accuracy_neg) == 1.0 and float(by_id.itm_accuracy) == pytest.approx(2 / 3)
+    by_text = run(text_positives=True)  # the false negatives are left out: only the positives are scored
+    assert float(by_text.itm_accuracy_neg) == 0.0 and float(by_text.itm_accuracy) == 0.0
+    assert float(by_text.itm_loss) == pytest.approx(
+        float(F.cross_entropy(torch.tensor([[5.0, -5.0]]), torch.tensor([1])))
+    )
+    # a user label groups samples too: with one label for all there is no negative either
+    out = run(text_positives=False, labels=id_codes(["same", "same"]))
+    assert torch.isfinite(out.loss) and float(out.itm_accuracy_neg) == 0.0
+
+
+def test_itm_accuracy_is_logged_on_positives_and_negatives_separately():
+    model = tiny_stage1()
+    feats, ids, mask = batch(B=4)
+    with torch.no_grad():
+        model.itm_head.bias.copy_(torch.tensor([5.0, -5.0]))  # the trivial "never a match" head
+        model.itm_head.weight.zero_()
+    out = stage1_losses(model, feats, ids, mask, id_codes(list("abcd")), dec_token_id=DEC)
+    logs = out.logs()
+    assert logs["itm_acc_pos"] == 0.0 and logs["itm_acc_neg"] == 1.0
+    assert logs["itm_acc"] == pytest.approx(2 / 3)
+
+
+def test_negatives_that_are_true_matches_are_left_out_of_the_itm_loss():
+    from vlbridge.objectives.itm import itm_loss, negative_is_valid
+
+    pos = torch.eye(3, dtype=torch.bool)
+    pos[0, 1] = pos[1, 0] = True
+    valid_image, valid_text = negative_is_valid(pos, torch.tensor([1, 2, 0]), torch.tensor([2, 0, 1]))
+    assert valid_image.tolist() == [False, True, True] and valid_text.tolist() == [True, False, True]
+    logits = torch.randn(9, 2)
+    w = torch.ones(9)
+    w[3] = 0
+    keep = torch.tensor([i for i in range(9) if i != 3])
+    labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
+    assert float(itm_loss(logits, w)) == pytest.approx(float(F.cross_entropy(logits[keep], labels[keep])))

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlbridge.bridges.position import KINDS, ImagePositions
+
 Regime = Literal["unimodal", "bidirectional", "causal"]
 KV = tuple[Tensor, Tensor]  # ([B, nh, len, hd], [B, nh, len, hd])
 
@@ -49,12 +51,18 @@ class QFormerConfig:
     hidden_act: str = "gelu"
     # Generation-only checkpoints (BLIP-2 OPT/T5) carry neither text embeddings nor the text FFN.
     text_input: bool = True
+    # Position added to the image tokens on the cross-attention key path (`bridges.position`): "none" is BLIP-2
+    # as published; "sincos" / "learned" let queries look by place. "learned" needs the encoder's token count.
+    image_position: str = "none"
+    num_image_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.cross_attention_frequency < 1:
             raise ValueError("cross_attention_frequency must be >= 1")
+        if self.image_position not in KINDS:
+            raise ValueError(f"unknown image_position {self.image_position!r}: choose one of {', '.join(KINDS)}")
 
 
 _ACTIVATIONS = {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}
@@ -79,9 +87,10 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         return x.view(B, S, self.num_heads, -1).transpose(1, 2)  # [B, nh, S, hd]
 
-    def project_kv(self, x: Tensor) -> KV:
-        """Keys and values of `x` ([B, S, *]) as [B, nh, S, hd] each."""
-        return self.split_heads(self.key(x)), self.split_heads(self.value(x))
+    def project_kv(self, x: Tensor, key_position: Tensor | None = None) -> KV:
+        """Keys and values of `x` ([B, S, *]) as [B, nh, S, hd] each; `key_position` [S, *] joins the keys only."""
+        k = self.key(x if key_position is None else x + key_position)
+        return self.split_heads(k), self.split_heads(self.value(x))
 
     def forward(self, x: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
         """Attend from `x` [B, S, H] to `kv`; `mask` is a boolean [B|1, 1, S, S_kv] (True = may attend)."""
@@ -208,6 +217,11 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList([QFormerLayer(config=config, index=i) for i in range(config.num_layers)])
         self.gradient_checkpointing = False
         self.reset_parameters()
+        self.image_position = None  # after reset_parameters: a learned table starts as sine-cosine, not noise
+        if config.image_position != "none":
+            self.image_position = ImagePositions(
+                kind=config.image_position, width=config.encoder_hidden_size, num_tokens=config.num_image_tokens
+            )
 
     def reset_parameters(self) -> None:
         """BERT initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms; queries normal(0, 0.02)."""
@@ -230,8 +244,12 @@ class QFormer(nn.Module):
         positives and negatives, generation): index the batch dimension to reuse them.
         """
         image_embeds = image_embeds.to(self.query_tokens.dtype)
+        position = None
+        if self.image_position is not None:
+            position = self.image_position(image_embeds.shape[1], dtype=image_embeds.dtype, device=image_embeds.device)
         return [
-            layer.crossattention.project_kv(image_embeds) if layer.crossattention else None for layer in self.layers
+            layer.crossattention.project_kv(image_embeds, position) if layer.crossattention else None
+            for layer in self.layers
         ]
 
     def forward(
@@ -334,13 +352,16 @@ def qformer_from_bert(
     cross_attention_frequency: int = 2,
     encoder_hidden_size: int,
     extra_tokens: int = 1,
+    image_position: str = "none",
+    num_image_tokens: int | None = None,
 ) -> QFormer:
     """A Q-Former initialised from a transformers `BertModel` (the BLIP-2 recipe).
 
     Self-attention, the text FFN and the embeddings come from BERT; the query FFN is a copy of BERT's FFN;
     cross-attention and the queries are random. BERT adds token-type embedding 0 to every token; the
     Q-Former has no token types, so that vector is folded into the position embeddings (an exact rewrite).
-    `extra_tokens` rows are appended to the vocabulary for `[DEC]`.
+    `extra_tokens` rows are appended to the vocabulary for `[DEC]`; `image_position` / `num_image_tokens` as in
+    `QFormerConfig`.
     """
     c = bert.config
     config = QFormerConfig(
@@ -358,6 +379,8 @@ def qformer_from_bert(
         attention_dropout=c.attention_probs_dropout_prob,
         pad_token_id=c.pad_token_id or 0,
         hidden_act=c.hidden_act,
+        image_position=image_position,
+        num_image_tokens=num_image_tokens,
     )
     qformer = QFormer(config=config)
     emb = bert.embeddings

@@ -70,11 +70,13 @@ class CaptionRecord:
         image: Path of the image file (already resolved against the manifest's folder).
         caption: The caption text.
         image_id: Identifies the image across its captions (any string).
+        label: Optional grouping (e.g. a class name): stage 1 treats records sharing a label as true matches.
     """
 
     image: Path
     caption: str
     image_id: str
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def _captions(value: Any, where: str) -> list[str]:
     return [c.strip() for c in items]
 
 
-def read_caption_manifest(path: str | Path) -> list[CaptionRecord]:
+def read_caption_manifest(path: str | Path, *, label_field: str = "label") -> list[CaptionRecord]:
     """Read a JSONL caption manifest.
 
     Each line is ``{"image": "img/0001.jpg", "caption": "...", "image_id": "optional"}``. Image paths are relative
@@ -187,8 +189,9 @@ def read_caption_manifest(path: str | Path) -> list[CaptionRecord]:
         if "caption" not in obj:
             raise InputError(f"{where}: missing required key 'caption'")
         image_id = _optional_id(obj, "image_id", where) or _path_id(image)
+        label = _optional_id(obj, label_field, where)
         for caption in _captions(obj["caption"], where):
-            records.append(CaptionRecord(image=root / image, caption=caption, image_id=image_id))
+            records.append(CaptionRecord(image=root / image, caption=caption, image_id=image_id, label=label))
     if not records:
         raise InputError(f"{path}: no records")
     return records
@@ -566,7 +569,7 @@ class _ImageRecordDataset(Dataset):
 class CaptionDataset(_ImageRecordDataset):
     """Map-style dataset of captioned images.
 
-    Item ``i`` is ``{"pixel_values", "text", "image_id", "index"}`` where ``pixel_values`` is ``[3, H, W]`` (or
+    Item ``i`` is ``{"pixel_values", "text", "image_id", "label", "index"}`` where ``pixel_values`` is ``[3, H, W]`` (or
     ``[views, 3, H, W]`` when ``views > 1``: several augmentations of one image, e.g. to cache encoder features
     per view). If the image is missing or corrupt the item is a :class:`SkippedSample` instead; use
     :func:`collate_skipping` as the DataLoader's ``collate_fn``.
@@ -592,7 +595,13 @@ class CaptionDataset(_ImageRecordDataset):
         if isinstance(pixels, SkippedSample):
             return pixels
         record: CaptionRecord = self.records[index]
-        return {"pixel_values": pixels, "text": record.caption, "image_id": record.image_id, "index": index}
+        return {
+            "pixel_values": pixels,
+            "text": record.caption,
+            "image_id": record.image_id,
+            "label": record.label,
+            "index": index,
+        }
 
 
 class VqaDataset(_ImageRecordDataset):

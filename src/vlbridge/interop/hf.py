@@ -342,6 +342,12 @@ def _image_token(model: Blip2) -> int | None:
 
 def save_hf(model: Blip2, directory: str | os.PathLike) -> Path:
     """Write a transformers checkpoint (atomically: a temporary folder renamed into place)."""
+    if model.qformer.config.image_position != "none":
+        raise CheckpointError(
+            f"this Q-Former adds {model.qformer.config.image_position!r} positions to its image keys, which "
+            "transformers' BLIP-2 classes cannot represent: save it with format='native' (or train with "
+            "model.image_position=none for a transformers export)"
+        )
     arch = hf_architecture(model)
     image_token_index = _image_token(model) if model.language_model is not None else None
     hf_config = _hf_config(model, arch, image_token_index)
@@ -388,7 +394,7 @@ def _write_hf_files(model: Blip2, hf: nn.Module, tmp: Path, arch: str) -> None:
     )
 
 
-def _write_atomically(directordef _write_atomically(directory: str | os.PathLike, write) -> Path:
+def _write_atomically(directory: str | os.PathLike, write) -> Path:
     """Write a checkpoint folder atomically (see :func:`vlbridge.utils.io.atomic_dir`)."""
     from vlbridge.utils.io import atomic_dir
 

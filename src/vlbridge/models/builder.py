@@ -31,6 +31,9 @@ class ModelConfig:
     qformer: dict[str, Any] = field(default_factory=dict)  # QFormerConfig fields for a from-scratch Q-Former
     num_query_tokens: int = 32
     cross_attention_frequency: int = 2
+    # Position on the Q-Former's image keys (`bridges.position`): "none" (BLIP-2 as published, exportable to
+    # transformers), "sincos" or "learned".
+    image_position: str = "none"
     embed_dim: int | None = 256  # ITC/ITM/ITG heads (stage 1); None for stage 2
     language_model: str | None = None  # stage 2: a causal LM or T5 (frozen)
     init_from: str | None = None  # start from a vlbridge checkpoint (e.g. the stage-1 result)
@@ -90,6 +93,9 @@ def _build_model(cfg: ModelConfig) -> Blip2:
     else:  # the frozen encoder stored in the init_from checkpoint (config + weights)
         vision_path = Path(cfg.init_from)
         vision = FrozenVisionEncoder(build_vision_model(saved.vision).to(dtype), layer=cfg.vision_layer)
+    position = {"image_position": cfg.image_position, "num_image_tokens": None}
+    if cfg.image_position == "learned":
+        position["num_image_tokens"] = _num_tokens(vision)
 
     if cfg.qformer_init is not None:
         bert_path = resolve(cfg.qformer_init)
@@ -99,6 +105,7 @@ def _build_model(cfg: ModelConfig) -> Blip2:
             num_query_tokens=cfg.num_query_tokens,
             cross_attention_frequency=cfg.cross_attention_frequency,
             encoder_hidden_size=vision.width,
+            **position,
         )
         tokenizer_source = cfg.tokenizer or bert_path
     else:
@@ -113,6 +120,7 @@ def _build_model(cfg: ModelConfig) -> Blip2:
             num_query_tokens=cfg.num_query_tokens,
             cross_attention_frequency=cfg.cross_attention_frequency,
             encoder_hidden_size=vision.width,
+            **position,
             **fields,
         )
         qformer = QFormer(config=qcfg)
@@ -245,6 +253,14 @@ def inherit_architecture(cfg: ModelConfig, saved: Blip2Config, source: str | os.
     elif cfg.tokenizer is None and cfg.qformer_init is not None:
         changes["tokenizer"] = cfg.qformer_init
     return dataclasses.replace(cfg, **changes)
+
+
+def _num_tokens(vision: FrozenVisionEncoder) -> int:
+    """N, the number of image tokens the encoder returns (one blank image through it)."""
+    param = next(vision.model.parameters())
+    with torch.no_grad():
+        blank = torch.zeros(1, 3, vision.image_size, vision.image_size, dtype=param.dtype, device=param.device)
+        return int(vision(blank).shape[1])
 
 
 def _vision_config(vision: FrozenVisionEncoder) -> dict[str, Any]:

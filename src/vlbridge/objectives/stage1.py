@@ -25,7 +25,8 @@ from torch import Tensor
 from vlbridge.models.blip2 import Blip2
 from vlbridge.objectives.itc import itc_loss, itc_similarity
 from vlbridge.objectives.itg import itg_loss
-from vlbridge.objectives.itm import itm_loss, sample_negatives
+from vlbridge.objectives.itm import itm_loss, negative_is_valid, sample_negatives
+from vlbridge.objectives.positives import positive_pairs, text_codes
 from vlbridge.training import distributed as D
 
 TEMPERATURE_RANGE = (0.001, 0.5)
@@ -37,7 +38,9 @@ class Stage1Output:
     itc_loss: Tensor
     itm_loss: Tensor
     itg_loss: Tensor
-    itm_accuracy: Tensor
+    itm_accuracy: Tensor  # over the pairs in the loss; 2/3 is the trivial "always no match" with 1:2 positives
+    itm_accuracy_pos: Tensor  # on the positive pairs alone
+    itm_accuracy_neg: Tensor  # on the negative pairs alone
 
     def logs(self) -> dict[str, float]:
         return {
@@ -46,6 +49,8 @@ class Stage1Output:
             "itm_loss": float(self.itm_loss),
             "itg_loss": float(self.itg_loss),
             "itm_acc": float(self.itm_accuracy),
+            "itm_acc_pos": float(self.itm_accuracy_pos),
+            "itm_acc_neg": float(self.itm_accuracy_neg),
         }
 
 
@@ -56,6 +61,8 @@ def stage1_losses(
     attention_mask: Tensor,
     ids: Tensor,
     *,
+    labels: Tensor | None = None,
+    text_positives: bool = True,
     dec_token_id: int,
     generator: torch.Generator | None = None,
     label_smoothing: float = 0.1,
@@ -69,6 +76,11 @@ def stage1_losses(
         input_ids: Q-Former text tokens [B, T] starting with [CLS], padded to the same T on every rank.
         attention_mask: [B, T].
         ids: [B] image-id codes (`training.distributed.id_codes`): equal codes are the same image.
+        labels: optional [B] codes of a user-given label (same code = a true match, e.g. a class); pass
+            `id_codes` of the label strings (a missing label is unique to its sample).
+        text_positives: identical texts on different images are true matches too (`objectives.positives`): ITC
+            shares their target mass and ITM never draws them as negatives. False reproduces BLIP-2/LAVIS,
+            which decide by image id alone.
         dec_token_id: id of `[DEC]`, which replaces [CLS] for ITG.
         generator: draws the ITM negatives; seed it identically on every rank.
         label_smoothing: for ITC and ITG (0.1 in the paper).
@@ -94,15 +106,24 @@ def stage1_losses(
     text_feats = F.normalize(model.text_proj(text_out.hidden_states[:, 0]), dim=-1)  # [B, E]
 
     world = D.world_size()
-    all_ids = D.gather_no_grad(ids)  # [G]
+    all_input_ids = D.gather_no_grad(input_ids)  # [G, T]
+    all_mask = D.gather_no_grad(attention_mask)
+    positives = positive_pairs(  # [G, G] true matches: same image, identical text, same label
+        D.gather_no_grad(ids),
+        text_codes(all_input_ids, all_mask) if text_positives else None,
+        None if labels is None else D.gather_no_grad(labels),
+    )
     sim = itc_similarity(D.gather_with_local_grad(image_feats), D.gather_with_local_grad(text_feats))  # [G, G]
     # The loss is scaled by the world size below for the features' sake; the temperature is shared by every
     # rank's copy of the loss, so its gradient is scaled back down.
     temperature = _scale_grad(model.temp, 1 / world)
-    loss_itc = itc_loss(sim, temperature, all_ids, label_smoothing=label_smoothing)
+    loss_itc = itc_loss(sim, temperature, positives, label_smoothing=label_smoothing)
 
     # ITM: positives, (negative image, text), (image, negative text) in one bidirectional pass of 3B pairs.
-    neg_image, neg_text = sample_negatives(sim.detach(), all_ids, temperature=temperature.detach(), generator=generator)
+    neg_image, neg_text = sample_negatives(
+        sim.detach(), positives, temperature=temperature.detach(), generator=generator
+    )
+    valid_image, valid_text = negative_is_valid(positives, neg_image, neg_text)  # [G]: a true non-match was found
     start = D.rank() * B
     local = slice(start, start + B)
     neg_image, neg_text = neg_image[local], neg_text[local]  # this rank's texts / images
@@ -114,16 +135,18 @@ def stage1_losses(
         None if kv is None else (torch.cat([kv[0], nkv[0], kv[0]]), torch.cat([kv[1], nkv[1], kv[1]]))
         for kv, nkv in zip(image_kv, neg_kv)
     ]
-    all_input_ids = D.gather_no_grad(input_ids)
-    all_mask = D.gather_no_grad(attention_mask)
     pair_ids = torch.cat([input_ids, input_ids, all_input_ids[neg_text]])  # [3B, T]
     pair_mask = torch.cat([attention_mask, attention_mask, all_mask[neg_text]])
     pairs = qformer(image_kv=pair_kv, input_ids=pair_ids, attention_mask=pair_mask, regime="bidirectional")
     itm_logits = model.itm_head(pairs.query_output).mean(dim=1)  # [3B, 2]
-    loss_itm = itm_loss(itm_logits)
+    weights = torch.cat([valid_image.new_ones(B), valid_image[local], valid_text[local]]).float()  # [3B]
+    loss_itm = itm_loss(itm_logits, weights)
     with torch.no_grad():
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).to(itm_logits.device)
-        itm_acc = (itm_logits.argmax(-1).float() == labels).float().mean()
+        targets = torch.cat([torch.ones(B), torch.zeros(2 * B)]).to(itm_logits.device)
+        right = (itm_logits.argmax(-1).float() == targets).float() * weights
+        itm_acc = right.sum() / weights.sum()
+        itm_acc_pos = right[:B].mean()
+        itm_acc_neg = right[B:].sum() / weights[B:].sum().clamp(min=1)
 
     # ITG: [DEC] + text, causal over the cached query keys/values.
     dec_ids = input_ids.clone()
@@ -148,7 +171,9 @@ def stage1_losses(
     # Every rank computed the whole-batch ITC loss but back-propagates only its slice: scale by the world size
     # so that DDP's averaging sums the slices.
     total = world * loss_itc + loss_itm + loss_itg
-    return Stage1Output(total, loss_itc.detach(), loss_itm.detach(), loss_itg.detach(), itm_acc)
+    return Stage1Output(
+        total, loss_itc.detach(), loss_itm.detach(), loss_itg.detach(), itm_acc, itm_acc_pos, itm_acc_neg
+    )
 
 
 def trim_text_padding(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

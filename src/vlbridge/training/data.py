@@ -54,7 +54,9 @@ class TokenizingCollate:
             refill = [i % kept for i in range(size)]
             batch[self.feature_key] = batch[self.feature_key][refill]
             batch["text"] = [batch["text"][i] for i in refill]
-            batch["image_id"] = [batch["image_id"][i] for i in refill]
+            for key in ("image_id", "label"):
+                if key in batch:
+                    batch[key] = [batch[key][i] for i in refill]
         # Padded to the longest caption of this batch (at most max_length); under several processes the step
         # pads every rank to the global longest (`objectives.stage1.trim_text_padding`).
         enc = self.tokenizer(

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from vlbridge.config import from_dict, save_yaml, to_dict
 from vlbridge.data.datasets import SkipReport
 from vlbridge.errors import ConfigError, InputError, TrainingError
+from vlbridge.inference.tasks import max_positions
 from vlbridge.models.blip2 import Blip2
 from vlbridge.models.builder import build_model
 from vlbridge.objectives.stage1 import Stage1Output, stage1_losses
@@ -48,10 +49,11 @@ from vlbridge.utils.io import dumps, finite, recover_dir, storage_error, write_j
 class Stage1Module(nn.Module):
     """The model plus its objective behind one `forward`, so DistributedDataParallel sees the whole step."""
 
-    def __init__(self, model: Blip2, dec_token_id: int) -> None:
+    def __init__(self, model: Blip2, dec_token_id: int, text_positives: bool = True) -> None:
         super().__init__()
         self.model = model
         self.dec_token_id = dec_token_id
+        self.text_positives = text_positives
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> Stage1Output:
         device = self.model.device
@@ -60,12 +62,17 @@ class Stage1Module(nn.Module):
         else:
             feats = self.model.vision(batch["pixel_values"].to(device))
         ids = D.id_codes(batch["image_id"]).to(device)
+        labels = batch.get("label")
+        if labels is not None and all(label is None for label in labels):
+            labels = None
         return stage1_losses(
             self.model,
             feats,
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             ids,
+            labels=None if labels is None else D.id_codes(labels).to(device),
+            text_positives=self.text_positives,
             dec_token_id=self.dec_token_id,
             generator=generator,
             trim_padding=D.world_size() > 1,  # ranks pad to their own longest caption: agree on one length
@@ -136,7 +143,9 @@ def stage1_data(cfg: TrainConfig, model: Blip2):
     else:
         dataset, key = CaptionDataset(records, _transform(cfg, model), seed=cfg.run.seed), "pixel_values"
     tokenizer = model.qformer_tokenizer
-    module = Stage1Module(model, dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"))
+    module = Stage1Module(
+        model, dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"), text_positives=cfg.data.text_positives
+    )
     return dataset, TokenizingCollate(tokenizer, cfg.data.max_text_length, key), module
 
 
@@ -208,6 +217,8 @@ def train(
     model = build_model(cfg.model).to(cfg.run.device)
     model.train()
     model.qformer.gradient_checkpointing = cfg.run.gradient_checkpointing
+    _check_text_limits(cfg, model)
+    lm_positions = max_positions(model) if cfg.stage == "stage2" else None
     dataset, collate, module = STAGES[cfg.stage](cfg, model)
     B, accumulate = cfg.data.batch_size, cfg.optim.accumulate
     sampler = EpochSampler(len(dataset), batch_size=B, seed=cfg.run.seed, rank=rank, world=world)
@@ -275,6 +286,7 @@ def train(
             state["batch"] += 1
             if batch["batch_size"] == 0:
                 continue
+            _check_batch_fits(batch, model, lm_positions, cfg.data.max_text_length)
             # Negatives: a generator keyed by (seed, step, micro-batch), identical on every rank and after a resume.
             generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + state["step"] * 131 + micro)
             sync = micro + 1 == accumulate
@@ -444,6 +456,26 @@ def config_changes(saved: dict[str, Any] | None, cfg: TrainConfig) -> dict[str, 
         for k in sorted(set(old) | set(new))
         if k not in RESUME_FREE and old.get(k) != new.get(k)
     }
+
+
+def _check_text_limits(cfg: TrainConfig, model: Blip2) -> None:
+    """Stage 1 pads every caption to `data.max_text_length`: it must fit the Q-Former's text positions."""
+    n, limit = cfg.data.max_text_length, model.qformer.config.max_position_embeddings
+    if cfg.stage == "stage1" and n > limit:
+        raise ConfigError(f"data.max_text_length={n} exceeds the Q-Former's {limit} text positions")
+
+
+def _check_batch_fits(batch: dict[str, Any], model: Blip2, limit: int | None, max_text_length: int) -> None:
+    """Stage 2: refuse a batch whose soft prompt + prompt + target would run past the LLM's positions."""
+    if limit is None or "prompt_ids" not in batch:
+        return
+    queries = int(model.qformer.query_tokens.shape[1])
+    longest = max(len(p) + len(t) for p, t in zip(batch["prompt_ids"], batch["target_ids"]))
+    if queries + longest > limit:
+        raise ConfigError(
+            f"a training example is {longest} tokens (prompt + target) after {queries} query tokens, past the "
+            f"language model's {limit} positions: lower data.max_text_length (now {max_text_length})"
+        )
 
 
 def _check_skips(report: SkipReport, epoch: int, epoch_samples: int, max_fraction: float, *, final: bool) -> None:
