@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from reliability.faults import config, one_line_error
 from vlbridge.config import save_yaml
@@ -44,3 +45,22 @@ def test_null_max_steps_means_epochs(world, tmp_path):
 
     summary = train(config(world, tmp_path / "run", **{"run.max_steps": None, "run.epochs": 1}))
     assert summary["steps"] == 4  # 32 images / batch 8
+
+
+def test_a_text_length_past_the_qformer_positions_is_one_line(world, tmp_path, capsys):
+    save_yaml(config(world, tmp_path / "run"), tmp_path / "c.yaml")
+    line = one_line_error(capsys, ["train", str(tmp_path / "c.yaml"), "data.max_text_length=100000"])
+    assert "max_text_length=100000" in line and "positions" in line
+
+
+def test_a_stage2_example_past_the_llm_positions_is_refused():
+    from types import SimpleNamespace
+
+    from vlbridge.errors import ConfigError
+    from vlbridge.training.loop import _check_batch_fits
+
+    model = SimpleNamespace(qformer=SimpleNamespace(query_tokens=torch.zeros(1, 4, 8)))
+    fits = {"prompt_ids": [[1] * 30], "target_ids": [[2] * 30]}
+    _check_batch_fits(fits, model, 64, 32)  # 4 + 60 = 64: fits exactly
+    with pytest.raises(ConfigError, match="lower data.max_text_length"):
+        _check_batch_fits({"prompt_ids": [[1] * 31], "target_ids": [[2] * 30]}, model, 64, 32)
