@@ -10,10 +10,10 @@ Every command is a thin wrapper over Python functions you can call yourself:
 - ``train`` / ``eval`` → ``vlbridge.training.train_main`` / ``eval_main``; ``serve`` → ``vlbridge.serving.serve_main``
   (looked up when the command runs, so they are picked up as soon as those modules provide them)
 
-Exit codes: 0 success; 1 a user error (a bad image, checkpoint, config or argument combination; reported as one line
-``vlbridge: error: ...`` on stderr, without a traceback; an OSError such as a full disk counts as one);
-2 a command-line usage error, or a command that is not
-implemented yet; 130 interrupted. Anything else is a bug and keeps its traceback.
+Exit codes: 0 success; 1 a user error (a bad image, checkpoint, config or argument combination, or an OSError such
+as a full disk; reported as one line ``vlbridge: error: ...`` on stderr, without a traceback); 2 a command-line
+usage error, or a command that is not implemented yet; 130 interrupted. Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ each of those files, written last). A folder is written as `.step-000123.*` and 
 
 Guarantees: a checkpoint with a non-finite parameter or optimiser moment is never written; pruning keeps
 the newest `keep` folders by step and never the one just written; `--resume` reads the newest folder that
-passes every check (:func:`find_resumable`) and says which ones it passed over and why.
+passes every check (:func:`resume_checkpoint`) and says which ones it passed over and why.
 """
 
 from __future__ import annotations
