@@ -71,3 +71,29 @@ def test_a_symlink_loop_says_so(tmp_path):
     os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
     with pytest.raises(ImageError, match="broken symlink"):
         load_image(tmp_path / "dangling.png")
+
+
+def test_training_rebuilds_a_feature_cache_damaged_where_the_quick_check_does_not_look(
+    world, tmp_path, capsys, monkeypatch
+):
+    from vlbridge.data import feature_cache as fc
+
+    cache = tmp_path / "cache"
+    train(config(world, tmp_path / "a", **{"data.feature_cache": str(cache), "run.max_steps": 1}))
+    (shard,) = [p for p in cache.glob("*/shard-*.bin")]
+    original = shard.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2 + 11] ^= 0x40
+    shard.write_bytes(bytes(data))
+    # This shard is small enough for the sampled check to read all of it; in a large one a flipped byte may sit
+    # between the samples. Make the quick check blind, so that only the full pass at train start can see it.
+    real = fc.verify_digests
+    monkeypatch.setattr(fc, "verify_digests", lambda root, d, full=False: real(root, d, full=True) if full else None)
+    capsys.readouterr()
+    train(config(world, tmp_path / "b", **{"data.feature_cache": str(cache), "run.max_steps": 1}))
+    assert "rebuilding the feature cache" in capsys.readouterr().err
+    from vlbridge.data.feature_cache import FeatureCache
+
+    (root,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    FeatureCache.open(root).verify()  # the rebuilt cache is whole
+    assert (root / shard.name).read_bytes() == original
