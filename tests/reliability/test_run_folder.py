@@ -196,3 +196,32 @@ def test_atomic_dir_never_leaves_the_target_missing(tmp_path):
     vio.atomic_dir(target, write)
     assert seen == ["1"] and (target / "a").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_full_disk_while_writing_the_summary_is_one_line_and_keeps_the_model(world, tmp_path, capsys, monkeypatch):
+    from vlbridge.training import loop
+
+    real = vio.write_json
+
+    def full_at_summary(path, obj, **kwargs):
+        if path.name == "summary.json":
+            raise vio.storage_error(OSError(errno.ENOSPC, "No space left on device"), path)
+        real(path, obj, **kwargs)
+
+    monkeypatch.setattr(loop, "write_json", full_at_summary)
+    save_yaml(config(world, tmp_path / "run"), tmp_path / "c.yaml")
+    line = one_line_error(capsys, ["train", str(tmp_path / "c.yaml")])
+    assert "summary.json" in line and "No space left" in line
+    import vlbridge
+
+    assert vlbridge.load(tmp_path / "run" / "model") is not None  # saved before, intact
+
+
+def test_full_disk_while_building_a_feature_cache_leaves_no_partial_cache(world, tmp_path, capsys, monkeypatch):
+    from vlbridge.data import feature_cache as fc
+
+    monkeypatch.setattr(fc._ShardWriter, "write", enospc)
+    save_yaml(config(world, tmp_path / "run", **{"data.feature_cache": str(tmp_path / "cache")}), tmp_path / "c.yaml")
+    line = one_line_error(capsys, ["train", str(tmp_path / "c.yaml")])
+    assert "No space left" in line
+    assert list((tmp_path / "cache").iterdir()) == []  # the temporary build folder was removed
