@@ -43,6 +43,7 @@ from vlbridge.training.data import EpochSampler, TokenizingCollate
 from vlbridge.training.defaults import apply_defaults
 from vlbridge.training.optim import lr_at, make_optimizer, set_lr
 from vlbridge.training.recipe import TrainConfig, validate
+from vlbridge.training.validation import make_validator
 from vlbridge.utils.io import dumps, finite, recover_dir, storage_error, write_json, write_text
 
 
@@ -220,6 +221,7 @@ def train(
     _check_text_limits(cfg, model)
     lm_positions = max_positions(model) if cfg.stage == "stage2" else None
     dataset, collate, module = STAGES[cfg.stage](cfg, model)
+    validator = make_validator(cfg, model)  # run.val_every: cheap held-out metrics in log.csv (None: off)
     B, accumulate = cfg.data.batch_size, cfg.optim.accumulate
     sampler = EpochSampler(len(dataset), batch_size=B, seed=cfg.run.seed, rank=rank, world=world)
     micro_per_epoch = sampler.batches_per_epoch()
@@ -331,7 +333,12 @@ def train(
             last = {**out.logs(), "lr": lr}
             if cfg.stage == "stage1":
                 last["temp"] = float(model.temp.detach())
-            if state["step"] % cfg.run.log_every == 0 or state["step"] == total:
+            validated = validator is not None and validator.due(state["step"], total)
+            if validated:  # its time is kept out of samples_per_s
+                val_started = time.perf_counter()
+                last.update(validator(model))
+                clock["time"] += time.perf_counter() - val_started
+            if state["step"] % cfg.run.log_every == 0 or state["step"] == total or validated:
                 now = time.perf_counter()
                 rate = (state["step"] - clock["step"]) * B * accumulate * world / max(now - clock["time"], 1e-9)
                 clock.update(time=now, step=state["step"])

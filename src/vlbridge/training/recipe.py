@@ -17,6 +17,7 @@ class DataConfig:
     image_root: str | None = None  # COCO: folder the image paths are relative to
     coco_split: str = "train"
     val: str | None = None  # a caption manifest (JSONL) for retrieval evaluation at the end
+    val_samples: int = 200  # images of `val` (first ones) used by the periodic validation (run.val_every)
     max_text_length: int = 32
     batch_size: int = 32
     # "auto" (here and in optim.warmup_steps, run.precision): chosen at train start from the machine and the run
@@ -56,7 +57,8 @@ class RunConfig:
     gradient_checkpointing: bool = False
     device: str = "cpu"
     progress: bool = True
-    eval_k: int = 128  # retrieval re-ranking shortlist
+    eval_k: int | None = None  # retrieval re-ranking shortlist; null: 5% of each gallery, 16 to 128
+    val_every: int | None = None  # steps between cheap validations on data.val (training/validation.py); null: none
 
 
 @dataclass
