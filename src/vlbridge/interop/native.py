@@ -27,6 +27,7 @@ from vlbridge.utils.io import atomic_dir, folder_digests, storage_error, verify_
 CONFIG_NAME = "vlbridge.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+_EDITED = f"if you edited it on purpose, save the model again (or delete \"files\" from {CONFIG_NAME})"
 
 
 def is_native(path: Path) -> bool:
@@ -102,7 +103,7 @@ def verify_native(path: str | os.PathLike, *, full: bool = True) -> None:
         raise CheckpointError(f"{path}: written without checksums (an older vlbridge); cannot verify it")
     problem = verify_digests(path, meta["files"], full=full)
     if problem is not None:
-        raise CheckpointError(f"{path}: {problem}")
+        raise CheckpointError(f"{path}: {problem}; {_EDITED}")
 
 
 def load_native(
@@ -129,7 +130,7 @@ def load_native(
     if "files" in meta:
         problem = verify_digests(path, meta["files"], full=verify)
         if problem is not None:
-            raise CheckpointError(f"{path}: {problem}")
+            raise CheckpointError(f"{path}: {problem}; {_EDITED}")
     elif verify:
         raise CheckpointError(f"{path}: written without checksums (an older vlbridge); cannot verify it")
     weights = path / WEIGHTS_NAME
