@@ -29,6 +29,9 @@ BAD = [
     "data.hflip=-0.5",
     "data.max_text_length=0",
     "data.num_workers=-1",
+    "run.val_every=0",
+    "data.val_samples=0",
+    "run.eval_k=0",
 ]
 
 

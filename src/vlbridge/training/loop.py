@@ -438,7 +438,7 @@ def _prepare_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
 # Settings that may differ on resume without changing what is trained.
 RESUME_FREE = {
     "run.output_dir", "run.progress", "run.device", "run.log_every", "run.save_every", "run.eval_k",
-    "data.num_workers", "data.val",
+    "data.num_workers", "data.val", "data.val_samples", "run.val_every",
 }  # fmt: skip
 
 

@@ -97,6 +97,8 @@ def validate(cfg: TrainConfig) -> None:
         ("run.save_every", r.save_every),
         ("run.log_every", r.log_every),
         ("run.eval_k", r.eval_k),
+        ("run.val_every", r.val_every),
+        ("data.val_samples", d.val_samples),
     ):
         check(key, value, lambda v: v >= 1, ">= 1")
     if r.max_steps is not None:
