@@ -162,7 +162,7 @@ def _captions(value: Any, where: str) -> list[str]:
     return [c.strip() for c in items]
 
 
-def read_caption_manifest(path: str | Path, *, label_field: str = "label") -> list[CaptionRecord]:
+def read_caption_manifest(path: str | Path, *, label_field: str | None = None) -> list[CaptionRecord]:
     """Read a JSONL caption manifest.
 
     Each line is ``{"image": "img/0001.jpg", "caption": "...", "image_id": "optional"}``. Image paths are relative
@@ -189,7 +189,7 @@ def read_caption_manifest(path: str | Path, *, label_field: str = "label") -> li
         if "caption" not in obj:
             raise InputError(f"{where}: missing required key 'caption'")
         image_id = _optional_id(obj, "image_id", where) or _path_id(image)
-        label = _optional_id(obj, label_field, where)
+        label = _optional_id(obj, label_field, where) if label_field else None
         for caption in _captions(obj["caption"], where):
             records.append(CaptionRecord(image=root / image, caption=caption, image_id=image_id, label=label))
     if not records:

@@ -85,6 +85,8 @@ class WorldRecipe:
         vision_layer: Hidden state of the frozen ViT that the Q-Former reads (-2: the penultimate, as BLIP-2).
         qformer: Q-Former architecture (``QFormerConfig`` fields).
         cross_attention_frequency: A cross-attention block every this many Q-Former layers.
+        image_position: Position on the Q-Former's image keys (`vlbridge.bridges.position`): the world's facts
+            are places ("top left") and shapes, which a position-blind cross-attention cannot tell apart.
         embed_dim: Width of the stage-1 ITC embedding.
         stage1: Stage-1 training (ITC + ITM + ITG).
         stage2: Stage-2 training (captions through the frozen LM).
@@ -112,6 +114,7 @@ class WorldRecipe:
         }
     )
     cross_attention_frequency: int = 1
+    image_position: Literal["none", "sincos", "learned"] = "learned"
     embed_dim: int = 128
     stage1: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=450, lr=2e-3))
     stage2: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=400))
@@ -212,6 +215,7 @@ def _train_config(recipe: WorldRecipe, stage: str, folder: Path, paths: dict[str
         "qformer": dict(recipe.qformer),
         "num_query_tokens": SCENE_LENGTH,
         "cross_attention_frequency": recipe.cross_attention_frequency,
+        "image_position": recipe.image_position,
         "embed_dim": recipe.embed_dim if stage == "stage1" else None,
     }
     data: dict[str, Any] = {
@@ -482,7 +486,7 @@ def run_world_recipe(
         )
         paths["feature_cache"] = out / "feature_cache"
         bridge = _key(vision_key, text_key, recipe.seed, recipe.vision_layer, recipe.qformer,
-                      recipe.cross_attention_frequency, recipe.precision)  # fmt: skip
+                      recipe.cross_attention_frequency, recipe.precision, recipe.image_position)  # fmt: skip
         keys = {"stage1": _key(bridge, recipe.embed_dim, asdict(recipe.stage1))}
         keys["stage2"] = _key(keys["stage1"], asdict(recipe.stage2))
         keys["instruct"] = _key(keys["stage2"], asdict(recipe.instruct))

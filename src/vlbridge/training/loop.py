@@ -86,7 +86,7 @@ def read_records(cfg: TrainConfig, sources: list[str]):
     records = []
     for source in sources:
         if cfg.data.format == "jsonl":
-            records.extend(read_caption_manifest(source))
+            records.extend(read_caption_manifest(source, label_field=cfg.data.match_field))
         else:
             if cfg.data.image_root is None:
                 raise ConfigError("data.image_root is required for COCO-format data")

@@ -28,9 +28,13 @@ class DataConfig:
     feature_cache: str | None = None  # folder: cache the frozen encoder's output (once per image and view)
     cache_views: int = 1  # augmented views cached per image (with augment); epochs cycle through them
     max_skip_fraction: float = 0.5  # stop with an error when an epoch skips more than this share of its samples
-    # Stage 1: identical captions on different images are true matches (ITC targets, never ITM negatives), as are
-    # records sharing a manifest `label`. False: by image id alone (BLIP-2/LAVIS).
+    # Stage 1: identical captions on different images are true matches (ITC targets, never ITM negatives).
+    # False: by image id alone (BLIP-2/LAVIS).
     text_positives: bool = True
+    # Stage 1: a manifest field whose equal values also make true matches (e.g. a class when every caption is just
+    # the class name). Off by default: records of one class whose captions differ (the ink, the place) are not
+    # matches of each other's captions.
+    match_field: str | None = None
 
 
 @dataclass
