@@ -22,14 +22,6 @@ SHAPES = ["circle", "square", "star"]
 COLOURS = ["red", "blue"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     """6 images; each record carries its class only in a nested field (and some extra fields)."""

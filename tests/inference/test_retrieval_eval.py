@@ -33,16 +33,6 @@ CAPTIONS = [
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 220, 20), (150, 30, 160), (250, 140, 0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread. On the shared, oversubscribed test machine two OpenMP threads make
-    these ops two orders of magnitude slower (spin-waiting), not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = build_checkpoint(tmp_path_factory.mktemp("retr"), family="retrieval", sizes=Sizes(image_size=32), seed=5)

@@ -96,20 +96,12 @@ def _records(path: Path) -> list[dict]:
     return out
 
 
-@pytest.fixture
-def two_threads():
-    """Two torch threads for this test only (the suite runs on one; later in-process runs must not inherit 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_bridge_learns_the_ink_from_repeated_captions_and_is_measured_on_the_digit(tmp_path, two_threads):
+def test_bridge_learns_the_ink_from_repeated_captions_and_is_measured_on_the_digit(tmp_path):
     import vlbridge
     from vlbridge.data.digits import DIGIT_WORDS, INKS, DigitsConfig, write_digits
     from vlbridge.inference.retrieval import zero_shot_classify
 
+    torch.set_num_threads(2)  # this test's own; the suite's autouse fixture restores one thread afterwards
     cfg = DigitsConfig(image_size=32, limit=900)
     manifests = write_digits(tmp_path / "digits", cfg)
     vision = _vision(tmp_path / "vit")

@@ -18,6 +18,7 @@ from reliability.faults import config
 from vlbridge.config import save_yaml
 from vlbridge.training import checkpoint as ckpt
 from vlbridge.training.loop import train
+from vlbridge.utils.threads import torch_threads
 
 STEPS = 8
 TIMING = ("time", "samples_per_s")
@@ -52,12 +53,8 @@ def kill_after_rows(proc: subprocess.Popen, run, rows: int, delay: float) -> boo
 
 def test_random_kills_then_resume_match_an_uninterrupted_run(world, tmp_path):
     common = {"run.max_steps": STEPS, "run.save_every": 2, "run.log_every": 1}
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): reductions sum in the same order
-    try:
+    with torch_threads(1):  # as the subprocesses (OMP_NUM_THREADS=1): reductions sum in the same order
         train(config(world, tmp_path / "reference", **common))
-    finally:
-        torch.set_num_threads(before)
     run = tmp_path / "run"
     save_yaml(config(world, run, **common), tmp_path / "c.yaml")
     rng = random.Random(os.environ.get("VLBRIDGE_KILL_SEED", 10))

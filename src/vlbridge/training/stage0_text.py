@@ -43,7 +43,6 @@ same world and config always give the same tokenizer.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -52,7 +51,7 @@ import shutil
 import string
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from vlbridge.errors import ConfigError, InputError
+from vlbridge.utils.threads import torch_threads
 
 __all__ = [
     "BOS_TOKEN",
@@ -566,18 +566,6 @@ def _cache_key(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key not in _NOT_CACHE_KEYS}
 
 
-@contextlib.contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` torch CPU threads, then restore the previous setting."""
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _cached(out_dir: Path, config: Stage0TextConfig, fingerprint: str) -> dict[str, Any] | None:
     try:
         result = json.loads((out_dir / _RESULT_NAME).read_text())
@@ -710,7 +698,7 @@ def train_language_model(
     tokenizer_time = time.perf_counter() - start
 
     device = torch.device(config.device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _torch_threads(config.num_threads):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch_threads(config.num_threads):
         torch.manual_seed(config.seed)
         model = _build_model(config, tokenizer).to(device)
         model.train()
@@ -1010,7 +998,7 @@ def _lm_answers(
         ]
 
     prompts = [VQA_PROMPT.format(r["question"]) for r in questions]
-    with _torch_threads(num_threads):
+    with torch_threads(num_threads):
         answers = _greedy(model, tokenizer, prompts, max_answer_tokens, batch_size, question_prefixes)
         # After "</s>" the LM may start a caption or "Question: ..."; a captioner asks for a caption, so the word
         # "question" is barred (no caption contains it).
