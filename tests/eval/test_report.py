@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from vlbridge.errors import ImageError, InputError
-from vlbridge.eval.report import HtmlReport, Percent, _inner_ticks, _log_ticks, _nice_ticks, _tick_labels
+from vlbridge.eval.plots import _inner_ticks, _log_ticks, _nice_ticks, _tick_labels
+from vlbridge.eval.report import HtmlReport, Percent
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 PNG_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
