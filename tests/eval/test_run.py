@@ -98,7 +98,7 @@ def test_zero_shot_from_a_label_field_with_a_template_ensemble(manifest, retriev
 
 
 def test_zero_shot_rerank_averages_template_logits(manifest, retrieval_model, tmp_path):
-    from vlbridge.inference.retrieval import zero_shot_classify
+    from vlbridge.inference.zero_shot import zero_shot_classify
 
     model = vlbridge.load(retrieval_model)
     images = [manifest.parent / "img" / f"{i}.png" for i in range(6)]

@@ -17,8 +17,9 @@ import vlbridge
 from vlbridge.data.datasets import CaptionRecord
 from vlbridge.errors import ImageError, InputError
 from vlbridge.eval.retrieval import recall_at_k, zero_shot_accuracy
-from vlbridge.inference.retrieval import evaluate_retrieval, retrieval_scores, write_report, zero_shot_classify
+from vlbridge.inference.retrieval import evaluate_retrieval, retrieval_scores, write_report
 from vlbridge.inference.tasks import _qformer_tokens, pixel_values
+from vlbridge.inference.zero_shot import zero_shot_classify
 
 from factory import Sizes, build_checkpoint
 

@@ -99,7 +99,7 @@ def _records(path: Path) -> list[dict]:
 def test_bridge_learns_the_ink_from_repeated_captions_and_is_measured_on_the_digit(tmp_path):
     import vlbridge
     from vlbridge.data.digits import DIGIT_WORDS, INKS, DigitsConfig, write_digits
-    from vlbridge.inference.retrieval import zero_shot_classify
+    from vlbridge.inference.zero_shot import zero_shot_classify
 
     torch.set_num_threads(2)  # this test's own; the suite's autouse fixture restores one thread afterwards
     cfg = DigitsConfig(image_size=32, limit=900)

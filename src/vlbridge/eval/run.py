@@ -144,7 +144,7 @@ def labelled_images(path: str | Path, label_field: str) -> list[tuple[Path, str]
 
 def evaluate_zero_shot(model, cfg: EvalConfig) -> dict[str, Any]:
     """Zero-shot classification of a manifest's images against its classes (labels from `cfg.label_field`)."""
-    from vlbridge.inference.retrieval import zero_shot_classify
+    from vlbridge.inference.zero_shot import zero_shot_classify
 
     items = labelled_images(cfg.data, cfg.label_field)[: cfg.limit]
     classes = list(cfg.classes) or sorted({label for _, label in items})
