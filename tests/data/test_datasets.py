@@ -11,22 +11,21 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vlbridge.data import datasets
+from vlbridge.data import webdataset
 from vlbridge.data.datasets import (
     CaptionDataset,
     CaptionRecord,
     SkippedSample,
     SkipReport,
     VqaDataset,
-    WebDatasetShards,
     collate_skipping,
-    expand_braces,
     read_caption_manifest,
     read_coco_karpathy,
     read_vqa_manifest,
 )
 from vlbridge.data.images import ImageProcessorConfig
 from vlbridge.data.transforms import EvalTransform, TrainTransform
+from vlbridge.data.webdataset import WebDatasetShards, expand_braces
 from vlbridge.errors import InputError
 
 CONFIG = ImageProcessorConfig(image_size=(16, 16))
@@ -341,7 +340,7 @@ def test_webdataset_splits_shards_across_ranks(tmp_path: Path, monkeypatch: pyte
     dataset = WebDatasetShards(shards, EvalTransform(CONFIG))
     seen = []
     for rank in range(2):
-        monkeypatch.setattr(datasets, "_rank_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(webdataset, "_rank_world", lambda rank=rank: (rank, 2))
         assert dataset.worker_shards() == shards[rank::2]
         seen += [s["key"] for s in dataset]
     assert sorted(seen) == ["s0_0000", "s1_0000", "s2_0000", "s3_0000"]
