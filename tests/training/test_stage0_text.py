@@ -12,15 +12,14 @@ import torch
 
 from vlbridge.data.world import WorldConfig, generate_world, world_vocabulary
 from vlbridge.errors import ConfigError, InputError
+from vlbridge.training.stage0_baselines import blind_baseline, scene_oracle
 from vlbridge.training.stage0_text import (
     IMAGE_TOKEN,
     SCENE_LENGTH,
     Stage0TextConfig,
-    blind_baseline,
     build_tokenizer,
     load_scene_texts,
     load_world_texts,
-    scene_oracle,
     scene_text,
     train_language_model,
 )

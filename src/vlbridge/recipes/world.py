@@ -339,7 +339,7 @@ def _score(images: list[dict], questions: list[dict], captions: list[str], answe
 
 def _evaluate(paths: dict[str, Path], recipe: WorldRecipe, folder: Path, progress: bool, log) -> dict[str, Any]:
     import vlbridge
-    from vlbridge.training.stage0_text import blind_baseline, scene_oracle
+    from vlbridge.training.stage0_baselines import blind_baseline, scene_oracle
 
     world = paths["world"]
     results: dict[str, Any] = {}
