@@ -20,6 +20,7 @@ from vlbridge.errors import ConfigError
 from vlbridge.recipes.world import BridgeTraining, WorldRecipe, run_world_recipe
 from vlbridge.training.stage0_text import Stage0TextConfig
 from vlbridge.training.stage0_vision import Stage0VisionConfig
+from vlbridge.utils.threads import torch_threads
 
 REDUCED = WorldRecipe(
     world=WorldConfig(n_train=800, n_val=40, n_test=80, n_compositional=40, captions_per_image=3),
@@ -36,7 +37,8 @@ REDUCED = WorldRecipe(
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo")
-    return out, run_world_recipe(out, REDUCED, progress=False, verbose=False)
+    with torch_threads(2):  # the recipe's stages use every thread torch is set to; the suite defaults to one
+        return out, run_world_recipe(out, REDUCED, progress=False, verbose=False)
 
 
 def test_learns_from_the_image(run: tuple[Path, dict]) -> None:
