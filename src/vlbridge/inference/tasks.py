@@ -1,4 +1,4 @@
-"""What users do with a BLIP-2 model: caption, answer, chat, score, match (ITM) and compare (ITC).
+"""What users do with a BLIP-2 model: caption, answer, chat, score, match (ITM), compare (ITC) and embed.
 
 Each function batches internally, takes images as paths / PIL images / pixel tensors, and checks its
 arguments before any model work. The LLM sees a left-padded prefix `[pad..., soft prompt (Q), prompt
@@ -432,23 +432,37 @@ def itm(model: Blip2, images, texts: str | Sequence[str], *, batch_size: int = D
 
 
 @torch.inference_mode()
-def itc(model: Blip2, images, texts: str | Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
-    """Cosine similarity [n_images, n_texts]: the best-matching query of each image against each text."""
+def embed_images(model: Blip2, images, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
+    """Multi-vector ITC image embeddings [n_images, Q, E]: one L2-normalised vector per query, float32 on the CPU.
+
+    An image's ITC similarity to a text is the best of its Q vectors against the text's (:func:`itc`).
+    """
     _require_heads(model)
     images = _as_list(images, "images")
+    feats = [
+        model.itc_image_features(model.image_embeds(pixel_values(model, images[sl]))).float().cpu()
+        for sl in _chunks(len(images), batch_size)
+    ]
+    return torch.cat(feats)  # [I, Q, E]
+
+
+@torch.inference_mode()
+def embed_texts(model: Blip2, texts: str | Sequence[str], *, batch_size: int = 64) -> Tensor:
+    """ITC text embeddings [n_texts, E] ([CLS] of a text-only Q-Former pass), L2-normalised, float32 on the CPU."""
+    _require_heads(model)
     texts = _texts(texts, "texts")
-    image_feats = torch.cat(
-        [
-            model.itc_image_features(model.image_embeds(pixel_values(model, images[sl])))
-            for sl in _chunks(len(images), batch_size)
-        ]
-    )  # [I, Q, E]
-    text_feats = []
-    for sl in _chunks(len(texts), 64):
+    feats = []
+    for sl in _chunks(len(texts), batch_size):
         ids, mask = _qformer_tokens(model, texts[sl], model.config.prompts.text_max_length)
-        text_feats.append(model.itc_text_features(ids, mask))
-    text_feats = torch.cat(text_feats)  # [T, E]
-    return torch.einsum("iqe,te->iqt", image_feats, text_feats).amax(dim=1).float().cpu()  # [I, T]
+        feats.append(model.itc_text_features(ids, mask).float().cpu())
+    return torch.cat(feats)  # [T, E]
+
+
+def itc(model: Blip2, images, texts: str | Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
+    """Cosine similarity [n_images, n_texts]: the best-matching query of each image against each text."""
+    image_feats = embed_images(model, images, batch_size=batch_size)  # [I, Q, E]
+    text_feats = embed_texts(model, texts)  # [T, E]
+    return torch.einsum("iqe,te->iqt", image_feats, text_feats).amax(dim=1)  # [I, T]
 
 
 def _decoder_start(lm) -> int | None:

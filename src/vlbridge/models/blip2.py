@@ -204,6 +204,18 @@ class Blip2(nn.Module):
 
         return tasks.itc(self, images, texts, **kwargs)
 
+    def embed_images(self, images, **kwargs) -> Tensor:
+        """Multi-vector ITC embeddings [n_images, Q, E] (one per query; an image scores a text by its best one)."""
+        from vlbridge.inference import tasks
+
+        return tasks.embed_images(self, images, **kwargs)
+
+    def embed_texts(self, texts, **kwargs) -> Tensor:
+        """ITC text embeddings [n_texts, E], in the space of :meth:`embed_images`."""
+        from vlbridge.inference import tasks
+
+        return tasks.embed_texts(self, texts, **kwargs)
+
     def save(self, directory, format: str = "native"):
         """Save as `format="native"` (vlbridge) or `format="hf"` (a transformers checkpoint)."""
         if format == "hf":
