@@ -536,10 +536,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="WORLD.yaml", help="world settings file")
     p.set_defaults(func=cmd_world)
 
-    p = sub.add_parser("serve", help="serve a model over HTTP", description="Serve a model over HTTP.")
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP",
+        description="Serve a model over HTTP: OpenAI-style /v1/chat/completions, /v1/captions, /v1/embeddings, "
+        "/v1/itm, /v1/search (with --index) and a web page at /.",
+    )
     p.add_argument("--model", "-m", required=True, metavar="M", help="checkpoint folder, hub id or LAVIS .pth file")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--index", default=None, metavar="DIR", help="an index from 'vlbridge index build' for /v1/search")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="bearer key required on /v1/ (default: $VLBRIDGE_API_KEY); required with a non-loopback --host",
+    )
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=16, metavar="N", help="requests per model call")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS", help="how long a batch waits to fill")
+    p.add_argument("--no-batching", action="store_true", help="one model call per request (batch size 1)")
+    p.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N", help="largest max_tokens accepted")
+    p.add_argument("--max-body-mb", type=_positive_int, default=32, metavar="MB", help="request body limit (413)")
+    p.add_argument("--request-timeout", type=float, default=60.0, metavar="S", help="seconds per request (504)")
+    p.add_argument("--model-name", default=None, metavar="NAME", help="model id in responses (default: folder name)")
+    p.add_argument("--device", default=None, metavar="D", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the frozen parts (default: fp32)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_deferred)
 
     p = sub.add_parser("index", help="index a folder of images for search", description="Build or search an index.")

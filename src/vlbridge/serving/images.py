@@ -65,17 +65,17 @@ def decode_data_uri(url: str) -> bytes:
     return urllib.parse.unquote_to_bytes(payload)
 
 
-async def image_from_url(url: str, settings: ServeSettings) -> Image.Image:
-    """An ``image_url`` of a request -> a decoded, checked RGB image.
+async def image_bytes(url: str, settings: ServeSettings) -> tuple[bytes, str]:
+    """The bytes behind an ``image_url`` of a request, and how to name it in errors.
 
     Raises:
-        ApiError: 400 for a refused scheme or host, a failed fetch, or a bad image; 504 when the fetch times out.
+        ApiError: 400 for a refused scheme or host or a failed fetch; 504 when the fetch times out.
     """
     if not isinstance(url, str) or not url:
         raise ApiError(400, "image_url.url must be a non-empty string", code="invalid_image_url")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return decode_image(decode_data_uri(url), max_pixels=settings.max_pixels)
+        return decode_data_uri(url), "the image"
     if scheme in ("http", "https"):
         if not settings.allow_remote_images:
             raise ApiError(
@@ -84,8 +84,7 @@ async def image_from_url(url: str, settings: ServeSettings) -> Image.Image:
                 "send the image as a data: URI",
                 code="remote_images_disabled",
             )
-        data = await fetch_remote(url, settings)
-        return decode_image(data, max_pixels=settings.max_pixels, what=f"the image at {url}")
+        return await fetch_remote(url, settings), f"the image at {url}"
     shown = scheme or "(none)"
     raise ApiError(
         400,
