@@ -142,19 +142,25 @@ def create_app(model: Blip2, index: ImageIndex | None = None, settings: ServeSet
 
     async def pixels_of_all(urls: list[str]) -> list[Tensor]:
         if len(urls) > settings.max_images:
-            raise ApiError(400, f"{len(urls)} images in one request; at most {settings.max_images}", code="too_many_images")
+            raise ApiError(
+                400, f"{len(urls)} images in one request; at most {settings.max_images}", code="too_many_images"
+            )
         return list(await asyncio.gather(*(pixels_of(u) for u in urls)))
 
     def max_tokens_of(value: int | None) -> int:
         if value is None:
             return settings.default_max_tokens
         if value > settings.max_tokens:
-            raise ApiError(400, f"max_tokens={value} is above this server's limit of {settings.max_tokens}", code="max_tokens")
+            raise ApiError(
+                400, f"max_tokens={value} is above this server's limit of {settings.max_tokens}", code="max_tokens"
+            )
         return value
 
     def need_generation() -> None:
         if not worker.can_generate:
-            raise ApiError(400, "this model has no language model: it embeds and matches but cannot generate", code="unsupported")
+            raise ApiError(
+                400, "this model has no language model: it embeds and matches but cannot generate", code="unsupported"
+            )
 
     def need_itc() -> None:
         if not worker.has_itc:
@@ -168,7 +174,12 @@ def create_app(model: Blip2, index: ImageIndex | None = None, settings: ServeSet
     # ------------------------------------------------------------------------------------------------ routes
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, "index": index is not None, "batching": worker.batcher.stats.to_dict()}
+        return {
+            "status": "ok",
+            "model": settings.model_name,
+            "index": index is not None,
+            "batching": worker.batcher.stats.to_dict(),
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -216,7 +227,9 @@ def create_app(model: Blip2, index: ImageIndex | None = None, settings: ServeSet
         need_generation()
         urls = ([body.image] if body.image else []) + list(body.images or [])
         if not urls:
-            raise ApiError(400, "give an image (or images): data URIs, or http(s) URLs where allowed", code="missing_image")
+            raise ApiError(
+                400, "give an image (or images): data URIs, or http(s) URLs where allowed", code="missing_image"
+            )
         if body.prompt is not None and not body.prompt.strip():
             raise ApiError(400, "empty prompt: leave it out for the model's default", code="invalid_input")
         key = DecodeKey(max_new_tokens=max_tokens_of(body.max_tokens))
@@ -246,7 +259,10 @@ def create_app(model: Blip2, index: ImageIndex | None = None, settings: ServeSet
             if len(texts) > 256:
                 raise ApiError(400, f"{len(texts)} texts in one request; at most 256", code="too_many_inputs")
             feats = await run("embed_texts", "texts", texts)
-            data = [{"object": "embedding", "index": i, "kind": "text", "embedding": f.tolist()} for i, f in enumerate(feats)]
+            data = [
+                {"object": "embedding", "index": i, "kind": "text", "embedding": f.tolist()}
+                for i, f in enumerate(feats)
+            ]
         return {"object": "list", "model": settings.model_name, "data": data}
 
     @app.post("/v1/itm")
@@ -256,7 +272,9 @@ def create_app(model: Blip2, index: ImageIndex | None = None, settings: ServeSet
             raise ApiError(400, "give 1 to 256 non-empty texts", code="invalid_input")
         pixels = await pixels_of(body.image)
         probs, image_feats, text_feats = await asyncio.gather(
-            run("itm", "itm", (pixels, body.texts)), run("embed_images", "images", pixels), run("embed_texts", "texts", body.texts)
+            run("itm", "itm", (pixels, body.texts)),
+            run("embed_images", "images", pixels),
+            run("embed_texts", "texts", body.texts),
         )
         itc = (image_feats[0] @ text_feats.T).amax(dim=0).tolist()  # [Q, E] x [E, T] -> best query per text
         data = [{"index": i, "text": t, "itm": p, "itc": c} for i, (t, p, c) in enumerate(zip(body.texts, probs, itc))]

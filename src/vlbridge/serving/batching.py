@@ -41,7 +41,12 @@ class BatchStats:
     busy_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "items": self.items, "largest": self.largest, "busy_s": round(self.busy_seconds, 3)}
+        return {
+            "calls": self.calls,
+            "items": self.items,
+            "largest": self.largest,
+            "busy_s": round(self.busy_seconds, 3),
+        }
 
 
 class DynamicBatcher:
@@ -133,13 +138,13 @@ class DynamicBatcher:
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]  # timed-out jobs drop out
             if not live:
                 continue
+            self.stats.calls += 1  # counted before the results are delivered, so a caller that has one sees it
+            self.stats.items += len(live)
+            self.stats.largest = max(self.stats.largest, len(live))
             start = time.perf_counter()
             try:
                 self._run(live)
             finally:
-                self.stats.calls += 1
-                self.stats.items += len(live)
-                self.stats.largest = max(self.stats.largest, len(live))
                 self.stats.busy_seconds += time.perf_counter() - start
 
     def _run(self, jobs: list[_Job]) -> None:

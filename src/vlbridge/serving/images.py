@@ -38,7 +38,9 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "the image") -> Im
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        raise ApiError(400, f"{what} is not an image in a format the server can read ({exc})", code="invalid_image")
+        raise ApiError(
+            400, f"{what} is not an image in a format the server can read ({exc})", code="invalid_image"
+        ) from None
     width, height = image.size
     if width * height > max_pixels:
         raise ApiError(
@@ -61,7 +63,9 @@ def decode_data_uri(url: str) -> bytes:
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, "malformed data URI: the payload is not valid base64", code="invalid_image_url") from None
+            raise ApiError(
+                400, "malformed data URI: the payload is not valid base64", code="invalid_image_url"
+            ) from None
     return urllib.parse.unquote_to_bytes(payload)
 
 
@@ -121,7 +125,9 @@ async def fetch_remote(url: str, settings: ServeSettings) -> bytes:
     try:
         import httpx
     except ImportError:
-        raise ApiError(500, "fetching image URLs needs httpx: pip install 'vlbridge[serve]'", code="missing_dependency")
+        raise ApiError(
+            500, "fetching image URLs needs httpx: pip install 'vlbridge[serve]'", code="missing_dependency"
+        ) from None
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname
     if not host:
@@ -146,23 +152,33 @@ async def fetch_remote(url: str, settings: ServeSettings) -> bytes:
             client.stream("GET", pinned, headers={"Host": host_header}, extensions=extensions) as response,
         ):
             if response.is_redirect:
-                raise ApiError(400, f"the image URL {url} redirects; redirects are not followed", code="image_fetch_failed")
+                raise ApiError(
+                    400, f"the image URL {url} redirects; redirects are not followed", code="image_fetch_failed"
+                )
             if response.status_code != 200:
                 raise ApiError(400, f"fetching {url} answered HTTP {response.status_code}", code="image_fetch_failed")
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > settings.max_fetch_bytes:
-                raise ApiError(400, f"the image at {url} is larger than {settings.max_fetch_bytes:,} bytes", code="image_too_large")
+                raise ApiError(
+                    400, f"the image at {url} is larger than {settings.max_fetch_bytes:,} bytes", code="image_too_large"
+                )
             chunks, size = [], 0
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > settings.max_fetch_bytes:
-                    raise ApiError(400, f"the image at {url} is larger than {settings.max_fetch_bytes:,} bytes", code="image_too_large")
+                    raise ApiError(
+                        400,
+                        f"the image at {url} is larger than {settings.max_fetch_bytes:,} bytes",
+                        code="image_too_large",
+                    )
                 chunks.append(chunk)
             return b"".join(chunks)
 
     try:
         return await asyncio.wait_for(download(), timeout=settings.fetch_timeout)
     except TimeoutError:
-        raise ApiError(504, f"fetching {url} took longer than {settings.fetch_timeout:g} s", code="image_fetch_timeout") from None
+        raise ApiError(
+            504, f"fetching {url} took longer than {settings.fetch_timeout:g} s", code="image_fetch_timeout"
+        ) from None
     except httpx.HTTPError as exc:
         raise ApiError(400, f"fetching {url} failed: {type(exc).__name__}: {exc}", code="image_fetch_failed") from None
