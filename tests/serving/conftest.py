@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 import vlbridge
-from serve_support import ServerThread, combined_checkpoint, noise_image
 from vlbridge.index import ImageIndex, build_index
 from vlbridge.serving import ServeSettings, create_app
+
+from serve_support import ServerThread, combined_checkpoint, noise_image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

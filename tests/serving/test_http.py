@@ -14,9 +14,10 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_support import ServerThread, data_uri, noise_image, png_bytes
 from vlbridge.serving import ServeSettings, create_app
 from vlbridge.serving.worker import TurnJob
+
+from serve_support import ServerThread, data_uri, noise_image, png_bytes
 
 IMAGE = data_uri(noise_image(11))
 
