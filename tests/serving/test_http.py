@@ -402,3 +402,39 @@ def test_page_and_static_files(server):
     for name in ("app.js", "style.css"):
         assert httpx.get(f"{server.url}/static/{name}", timeout=10).status_code == 200
     assert_error(httpx.get(f"{server.url}/static/..%2Fapp.py", timeout=10), 404)
+
+
+def test_vlbridge_serve_command(model_dir, index, tmp_path):
+    """``vlbridge serve`` in a subprocess: --index, --api-key, then a search over real HTTP."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vlbridge", "serve", "--model", str(model_dir), "--index", str(index.directory)]
+    cmd += ["--port", str(port), "--api-key", "k3y", "--log-level", "warning", "--model-name", "cli-model"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        assert httpx.post(f"{url}/v1/search", json={"text": "a photo"}, timeout=30).status_code == 401
+        hits = httpx.post(
+            f"{url}/v1/search", json={"text": "a photo", "k": 2}, headers={"Authorization": "Bearer k3y"}, timeout=30
+        )
+        assert hits.status_code == 200 and len(hits.json()["data"]) == 2 and hits.json()["model"] == "cli-model"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "cli-model on http://127.0.0.1" in err
