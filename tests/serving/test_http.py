@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import socket
@@ -124,7 +125,10 @@ def test_a_64_mib_body_gets_413(server):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply
     assert_healthy(server)
-    assert_error(httpx.post(f"{server.url}/v1/captions", content=big, timeout=60), 413, "body_too_large")
+    # With the body sent too, the server answers and closes while the client still sends, so the kernel may reset
+    # the connection before the client reads the 413 (the raw-socket case above checks the answer itself).
+    with contextlib.suppress(httpx.TransportError):
+        assert_error(httpx.post(f"{server.url}/v1/captions", content=big, timeout=60), 413, "body_too_large")
     assert_healthy(server)
 
     def chunks():  # no Content-Length: counted while it streams in

@@ -29,6 +29,7 @@ from vlbridge.bridges.position import KINDS, ImagePositions
 
 Regime = Literal["unimodal", "bidirectional", "causal"]
 KV = tuple[Tensor, Tensor]  # ([B, nh, len, hd], [B, nh, len, hd])
+CROSS_ATTENTION_INITS = ("fan_in", "bert")
 
 
 @dataclass
@@ -55,6 +56,12 @@ class QFormerConfig:
     # as published; "sincos" / "learned" let queries look by place. "learned" needs the encoder's token count.
     image_position: str = "none"
     num_image_tokens: int | None = None
+    # Initialisation of the (always new) cross-attention projections: "fan_in" draws normal(0, 1/sqrt(fan_in)) so
+    # that query-key logits start O(1) and attention starts selective (it learns *where* to look, issue 14's
+    # measured fix: 2x faster to read a layout); "bert" is BERT's normal(0, 0.02) of LAVIS, under which the logits
+    # start ~0 and every query begins as a uniform average of the image (colour, not shape). Pretrained weights
+    # load over either.
+    cross_attention_init: str = "fan_in"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -63,6 +70,11 @@ class QFormerConfig:
             raise ValueError("cross_attention_frequency must be >= 1")
         if self.image_position not in KINDS:
             raise ValueError(f"unknown image_position {self.image_position!r}: choose one of {', '.join(KINDS)}")
+        if self.cross_attention_init not in CROSS_ATTENTION_INITS:
+            raise ValueError(
+                f"unknown cross_attention_init {self.cross_attention_init!r}: choose one of "
+                + ", ".join(CROSS_ATTENTION_INITS)
+            )
 
 
 _ACTIVATIONS = {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}
@@ -224,7 +236,10 @@ class QFormer(nn.Module):
             )
 
     def reset_parameters(self) -> None:
-        """BERT initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms; queries normal(0, 0.02)."""
+        """BERT initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms; queries normal(0, 0.02).
+
+        Cross-attention follows `config.cross_attention_init` ("fan_in": normal(0, 1/sqrt(fan_in)) weights).
+        """
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
@@ -236,6 +251,12 @@ class QFormer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.query_tokens, std=0.02)
+        if self.config.cross_attention_init == "fan_in":
+            for layer in self.layers:
+                if layer.crossattention is not None:
+                    for name in ("query", "key", "value", "out"):
+                        weight = getattr(layer.crossattention, name).weight
+                        nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
 
     def image_kv(self, image_embeds: Tensor) -> list[KV | None]:
         """Cross-attention keys/values of the image features [B, N, Dv], one entry per layer.

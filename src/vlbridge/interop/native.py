@@ -27,7 +27,7 @@ from vlbridge.utils.io import atomic_dir, folder_digests, storage_error, verify_
 CONFIG_NAME = "vlbridge.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-_EDITED = f"if you edited it on purpose, save the model again (or delete \"files\" from {CONFIG_NAME})"
+_EDITED = f'if you edited it on purpose, save the model again (or delete "files" from {CONFIG_NAME})'
 
 
 def is_native(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Stage-1 representation learning: ITC + ITM + ITG on one batch, summed with equal weights.
+"""Stage-1 representation learning: ITC + ITM + ITG on one batch, summed (equal weights unless told).
 
 Work is shared between the three objectives wherever the maths allows:
 - the image's cross-attention keys/values are projected once and indexed for the ITM pairs;
@@ -67,6 +67,7 @@ def stage1_losses(
     generator: torch.Generator | None = None,
     label_smoothing: float = 0.1,
     trim_padding: bool = False,
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> Stage1Output:
     """The three stage-1 losses.
 
@@ -88,6 +89,7 @@ def stage1_losses(
             batch (`trim_text_padding`). The losses and gradients are the same, up to float rounding (the
             matmul shapes change, so a run is not bit-identical to an untrimmed one); the compute of padding
             to `max_length` is saved.
+        loss_weights: of (ITC, ITM, ITG) in the loss to backpropagate (the paper's 1, 1, 1).
     """
     qformer = model.qformer
     B = input_ids.shape[0]
@@ -170,7 +172,8 @@ def stage1_losses(
 
     # Every rank computed the whole-batch ITC loss but back-propagates only its slice: scale by the world size
     # so that DDP's averaging sums the slices.
-    total = world * loss_itc + loss_itm + loss_itg
+    w_itc, w_itm, w_itg = loss_weights
+    total = w_itc * world * loss_itc + w_itm * loss_itm + w_itg * loss_itg
     return Stage1Output(
         total, loss_itc.detach(), loss_itm.detach(), loss_itg.detach(), itm_acc, itm_acc_pos, itm_acc_neg
     )

@@ -42,7 +42,7 @@ from vlbridge.training.checkpoint import (
 from vlbridge.training.data import EpochSampler, TokenizingCollate
 from vlbridge.training.defaults import apply_defaults
 from vlbridge.training.optim import lr_at, make_optimizer, set_lr
-from vlbridge.training.recipe import TrainConfig, validate
+from vlbridge.training.recipe import LossConfig, TrainConfig, validate
 from vlbridge.training.validation import make_validator
 from vlbridge.utils.io import dumps, finite, recover_dir, storage_error, write_json, write_text
 
@@ -50,11 +50,14 @@ from vlbridge.utils.io import dumps, finite, recover_dir, storage_error, write_j
 class Stage1Module(nn.Module):
     """The model plus its objective behind one `forward`, so DistributedDataParallel sees the whole step."""
 
-    def __init__(self, model: Blip2, dec_token_id: int, text_positives: bool = True) -> None:
+    def __init__(
+        self, model: Blip2, dec_token_id: int, text_positives: bool = True, loss: LossConfig | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.dec_token_id = dec_token_id
         self.text_positives = text_positives
+        self.loss = loss or LossConfig()
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> Stage1Output:
         device = self.model.device
@@ -77,6 +80,8 @@ class Stage1Module(nn.Module):
             dec_token_id=self.dec_token_id,
             generator=generator,
             trim_padding=D.world_size() > 1,  # ranks pad to their own longest caption: agree on one length
+            label_smoothing=self.loss.label_smoothing,
+            loss_weights=(self.loss.itc, self.loss.itm, self.loss.itg),
         )
 
 
@@ -145,7 +150,10 @@ def stage1_data(cfg: TrainConfig, model: Blip2):
         dataset, key = CaptionDataset(records, _transform(cfg, model), seed=cfg.run.seed), "pixel_values"
     tokenizer = model.qformer_tokenizer
     module = Stage1Module(
-        model, dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"), text_positives=cfg.data.text_positives
+        model,
+        dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
+        text_positives=cfg.data.text_positives,
+        loss=cfg.loss,
     )
     return dataset, TokenizingCollate(tokenizer, cfg.data.max_text_length, key), module
 

@@ -50,6 +50,16 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    """Stage 1: the weights of its three losses in the sum that is back-propagated (BLIP-2: 1, 1, 1)."""
+
+    itc: float = 1.0
+    itm: float = 1.0
+    itg: float = 1.0
+    label_smoothing: float = 0.1  # of the ITC targets and the ITG tokens
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/stage1"
     epochs: int = 1
@@ -71,6 +81,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -118,5 +129,8 @@ def validate(cfg: TrainConfig) -> None:
         check("optim.grad_clip", o.grad_clip, lambda v: 0 < v < float("inf"), "a positive number (or null: none)")
     check("data.hflip", d.hflip, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
     check("data.max_skip_fraction", d.max_skip_fraction, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+    for key in ("itc", "itm", "itg"):
+        check(f"loss.{key}", getattr(cfg.loss, key), lambda v: 0 <= v < float("inf"), ">= 0")
+    check("loss.label_smoothing", cfg.loss.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)")
     if not str(r.output_dir).strip():
         raise ConfigError("config key 'run.output_dir': must name a folder")
