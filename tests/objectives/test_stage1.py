@@ -248,3 +248,38 @@ def test_negatives_that_are_true_matches_are_left_out_of_the_itm_loss():
     keep = torch.tensor([i for i in range(9) if i != 3])
     labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
     assert float(itm_loss(logits, w)) == pytest.approx(float(F.cross_entropy(logits[keep], labels[keep])))
+
+
+def test_loss_weights_scale_each_term_of_the_backpropagated_sum():
+    model = tiny_stage1()
+    feats, ids, mask = batch()
+    codes = id_codes([f"img{i}" for i in range(len(ids))])
+
+    def run(weights):
+        return stage1_losses(
+            model, feats, ids, mask, codes, dec_token_id=DEC, generator=torch.Generator().manual_seed(4),
+            loss_weights=weights,
+        )  # fmt: skip
+
+    equal, weighted = run((1.0, 1.0, 1.0)), run((2.0, 0.0, 0.5))
+    assert float(equal.loss) == pytest.approx(float(equal.itc_loss + equal.itm_loss + equal.itg_loss), abs=1e-5)
+    assert float(weighted.loss) == pytest.approx(float(2 * weighted.itc_loss + 0.5 * weighted.itg_loss), abs=1e-5)
+    model.zero_grad()
+    run((0.0, 1.0, 0.0)).loss.backward()  # ITM alone: the text projection (ITC only) gets no gradient
+    assert model.text_proj.weight.grad is None or not model.text_proj.weight.grad.any()
+    assert model.itm_head.weight.grad.abs().sum() > 0
+
+
+def test_cross_attention_init_is_fan_in_by_default_and_bert_on_request():
+    from vlbridge.bridges.qformer import QFormer, QFormerConfig
+
+    def cross_std(init: str) -> float:
+        torch.manual_seed(0)
+        q = QFormer(config=QFormerConfig(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64,
+                                         encoder_hidden_size=256, cross_attention_init=init))  # fmt: skip
+        return float(q.layers[0].crossattention.key.weight.std())
+
+    assert cross_std("fan_in") == pytest.approx(256**-0.5, rel=0.1)
+    assert cross_std("bert") == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ValueError, match="cross_attention_init"):
+        QFormerConfig(cross_attention_init="xavier")
