@@ -175,7 +175,7 @@ def build_checkpoint(s: Sizes) -> Path:
 def hf_inputs(ours, batch: int) -> dict[str, torch.Tensor]:
     """transformers' prefix for the default (empty) prompt: `<image>` x Q, then the prompt's tokens (`</s>`)."""
     tok = ours.tokenizer
-    Q = ours.config.qformer.num_query_tokens
+    Q = ours.bridge.config.qformer.num_query_tokens
     prompt = tok(ours.config.prompts.caption_prompt).input_ids
     row = [tok.convert_tokens_to_ids("<image>")] * Q + prompt
     ids = torch.tensor([row] * batch)

@@ -172,7 +172,7 @@ def lavis_eager(model: Blip2, b: Batch, seed: int):
 
 
 def dec_id_of(model: Blip2) -> int:
-    return model.config.qformer.vocab_size - 1
+    return model.bridge.config.qformer.vocab_size - 1
 
 
 IMPLS: dict[str, LossFn] = {

@@ -26,8 +26,8 @@ def combined_checkpoint(directory: Path, *, seed: int = 1, sizes: Sizes | None =
     hf_dir = build_checkpoint(directory / "hf", family="opt", seed=seed, sizes=sizes)
     generation = vlbridge.load(hf_dir)
     config = copy.deepcopy(generation.config)
-    config.embed_dim = 24
-    config.qformer.text_input = True
+    config.bridge["embed_dim"] = 24
+    config.bridge["qformer"]["text_input"] = True
     model = Blip2(config=config, vision=generation.vision, language_model=generation.language_model)
     model.load_state_dict(generation.state_dict(), strict=False)  # the heads and text side stay random
     model.tokenizer, model.image_processor = generation.tokenizer, generation.image_processor

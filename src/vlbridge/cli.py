@@ -33,7 +33,7 @@ from vlbridge.errors import InputError, VlbridgeError
 if TYPE_CHECKING:
     import torch
 
-    from vlbridge.models.blip2 import Blip2
+    from vlbridge.models.vlm import VisionLanguageModel
 
 PROG = "vlbridge"
 DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -63,7 +63,9 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(source: str, *, device: str | None = None, dtype: str | torch.dtype | None = None) -> Blip2:
+def load_model(
+    source: str, *, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> VisionLanguageModel:
     """``vlbridge.load`` with transformers' logging and progress bars turned down to errors only.
 
     Args:
@@ -104,7 +106,9 @@ def check_images(paths: Sequence[str | os.PathLike]) -> None:
         load_image(path)
 
 
-def match_grid(model: Blip2, images: Sequence[Any], texts: Sequence[str], *, batch_size: int = 8) -> list[dict]:
+def match_grid(
+    model: VisionLanguageModel, images: Sequence[Any], texts: Sequence[str], *, batch_size: int = 8
+) -> list[dict]:
     """Score every (image, text) pair of the full grid with the ITM head and ITC similarity.
 
     Args:
@@ -197,7 +201,7 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------ commands
-def _load(args: argparse.Namespace) -> Blip2:
+def _load(args: argparse.Namespace) -> VisionLanguageModel:
     _status(f"loading {args.model}")
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
@@ -267,7 +271,7 @@ def cmd_match(args: argparse.Namespace) -> int:
             raise InputError("empty --text")
     check_images(args.image)
     model = _load(args)
-    if model.config.embed_dim is None:
+    if model.retrieval is None:
         raise InputError(
             f"{args.model} has no ITM/ITC heads (a generation-only checkpoint): match needs a stage-1 / retrieval "
             "model such as a Blip2ForImageTextRetrieval checkpoint"

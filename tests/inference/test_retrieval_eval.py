@@ -68,7 +68,7 @@ def grouped(records):
 def brute_force_itm(model, paths, texts):
     """ITM match logit for every (image, text) pair, one full ``itm_logits`` call per image."""
     embeds = model.image_embeds(pixel_values(model, paths))
-    ids, mask = _qformer_tokens(model, texts, model.config.prompts.text_max_length)
+    ids, mask = _qformer_tokens(model, texts, model.bridge.text_max_length)
     rows = []
     for i in range(len(paths)):
         rows.append(model.itm_logits(embeds[i : i + 1].expand(len(texts), -1, -1), ids, mask)[:, 1])

@@ -35,7 +35,7 @@ def pair(request, tmp_path_factory):
 def hf_inputs(model, prompts, *, left=True, targets=None):
     """transformers' layout of the same prefix: `<image>` x Q placeholders where our soft prompt goes."""
     tok = model.tokenizer
-    Q = model.config.qformer.num_query_tokens
+    Q = model.bridge.config.qformer.num_query_tokens
     image = tok.convert_tokens_to_ids("<image>")
     prompts = [p if p is not None else model.config.prompts.caption_prompt for p in prompts]
     rows = [tok(p).input_ids + (targets[i] if targets else []) for i, p in enumerate(prompts)]
@@ -48,7 +48,7 @@ def hf_inputs(model, prompts, *, left=True, targets=None):
         ids[i, s + Q : s + Q + len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, s : s + Q + len(r)] = 1
     kw = {"input_ids": ids, "attention_mask": mask}
-    if model.config.prompts.instruct:
+    if model.bridge.instruction_aware:
         q = model.qformer_tokenizer(prompts, padding=True, return_tensors="pt")
         kw.update(qformer_input_ids=q.input_ids, qformer_attention_mask=q.attention_mask)
     return kw
@@ -132,7 +132,7 @@ def test_score_matches_transformers_log_likelihood(pair):
             targets = [tok(" " + t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
             kw = hf_inputs(ours, [prompt] * 3, left=False, targets=targets)
             logp = theirs(pixel_values=pixels, **kw).logits.log_softmax(-1)
-            Q = ours.config.qformer.num_query_tokens
+            Q = ours.bridge.config.qformer.num_query_tokens
             n_prompt = len(tok(prompt).input_ids)
             ref = []
             for i, t in enumerate(targets):

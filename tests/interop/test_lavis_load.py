@@ -71,8 +71,8 @@ def test_lavis_checkpoint_generates_like_the_transformers_one(lavis_files):
     reference = vlbridge.load(hf_dir)
     reference.ln_vision.eps = ours.ln_vision.eps  # LAVIS's ln_vision is nn.LayerNorm's default eps
     pixels = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
-    assert ours.config.qformer.num_layers == 4 and ours.config.qformer.num_query_tokens == 6
-    assert ours.config.qformer.cross_attention_frequency == 2
+    assert ours.bridge.config.qformer.num_layers == 4 and ours.bridge.config.qformer.num_query_tokens == 6
+    assert ours.bridge.config.qformer.cross_attention_frequency == 2
     with torch.no_grad():
         torch.testing.assert_close(ours.image_embeds(pixels), reference.image_embeds(pixels))
     assert ours.caption(pixels, num_beams=3, max_new_tokens=6) == reference.caption(

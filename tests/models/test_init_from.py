@@ -25,7 +25,7 @@ def test_stage2_style_config_inherits_the_architecture(saved):
     root, source = saved
     model = build_model(ModelConfig(init_from=str(root / "s1"), embed_dim=None))
     assert model.qformer.config == source.qformer.config  # sizes, 4 queries, cross-attention every layer
-    assert model.config.vision_layer == -1 and model.config.embed_dim is None
+    assert model.config.vision_layer == -1 and model.bridge.config.embed_dim is None
     torch.testing.assert_close(model.qformer.query_tokens, source.qformer.query_tokens)
     for name, value in source.qformer.state_dict().items():
         torch.testing.assert_close(model.qformer.state_dict()[name], value, msg=name)

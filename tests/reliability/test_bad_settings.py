@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from reliability.faults import config, one_line_error
 from vlbridge.config import save_yaml
@@ -60,10 +59,11 @@ def test_a_stage2_example_past_the_llm_positions_is_refused():
     from types import SimpleNamespace
 
     from vlbridge.errors import ConfigError
+    from vlbridge.inference.prefix import IMAGE
     from vlbridge.training.loop import _check_batch_fits
 
-    model = SimpleNamespace(qformer=SimpleNamespace(query_tokens=torch.zeros(1, 4, 8)))
-    fits = {"prompt_ids": [[1] * 30], "target_ids": [[2] * 30]}
+    model = SimpleNamespace(num_visual_tokens=4)
+    fits = {"prompt_ids": [[IMAGE] + [1] * 30], "target_ids": [[2] * 30]}
     _check_batch_fits(fits, model, 64, 32)  # 4 + 60 = 64: fits exactly
     with pytest.raises(ConfigError, match="lower data.max_text_length"):
-        _check_batch_fits({"prompt_ids": [[1] * 31], "target_ids": [[2] * 30]}, model, 64, 32)
+        _check_batch_fits({"prompt_ids": [[IMAGE] + [1] * 31], "target_ids": [[2] * 30]}, model, 64, 32)

@@ -142,7 +142,7 @@ def set_key(key, value):
 
 
 def shape_change(meta):
-    meta["config"]["qformer"]["hidden_size"] += 6
+    meta["config"]["bridge"]["qformer"]["hidden_size"] += 6
     meta.pop("files")  # as if written so, not damaged
 
 

@@ -14,6 +14,7 @@ import vlbridge
 from reliability.faults import one_line_error
 from vlbridge.cli import main
 from vlbridge.errors import InputError
+from vlbridge.inference.prefix import expanded_length
 from vlbridge.inference.tasks import _prompt_tokens, max_positions
 
 
@@ -54,13 +55,13 @@ def test_max_new_tokens_too_large_on_the_command_line_is_one_line(opt, capsys):
 def test_chat_history_is_trimmed_from_the_oldest_turn(opt):
     _, model, image = opt
     chat = model.chat(image, max_new_tokens=20)
-    budget = 128 - model.qformer.query_tokens.shape[1] - 20
+    budget = 128 - 20
     questions = [f"question number {i} about the colours and the shapes in this picture" for i in range(8)]
     for q in questions:
         chat.ask(q)
     assert len(chat.history) == 8
     prompt = chat.prompt("and now?")
-    assert len(_prompt_tokens(model, prompt)) <= budget
+    assert expanded_length(_prompt_tokens(model, prompt), model.num_visual_tokens) <= budget
     assert questions[-1] in prompt and questions[0] not in prompt  # the newest turns kept, the oldest dropped
 
 

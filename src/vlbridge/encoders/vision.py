@@ -27,6 +27,7 @@ class VisionFamily:
     model_class: str
     # A final norm that BLIP-2 replaces by its own trainable `ln_vision` (never part of hidden_states anyway).
     replaced_norm: str | None = None
+    cls_token: bool = True  # a [CLS] token before the patch tokens (SigLIP has none)
 
 
 VISION_FAMILIES: dict[str, VisionFamily] = {
@@ -35,7 +36,7 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
         "encoder.layers", "InstructBlipVisionConfig", "InstructBlipVisionModel", "post_layernorm"
     ),
     "clip_vision_model": VisionFamily("encoder.layers", "CLIPVisionConfig", "CLIPVisionModel"),
-    "siglip_vision_model": VisionFamily("encoder.layers", "SiglipVisionConfig", "SiglipVisionModel"),
+    "siglip_vision_model": VisionFamily("encoder.layers", "SiglipVisionConfig", "SiglipVisionModel", cls_token=False),
     "vit": VisionFamily("layers", "ViTConfig", "ViTModel"),
 }
 
@@ -101,6 +102,13 @@ class FrozenVisionEncoder(nn.Module):
         size = self.model.config.image_size
         return size if isinstance(size, int) else size[0]
 
+    @property
+    def num_tokens(self) -> int:
+        """N, the tokens per image: one per patch, plus [CLS] where the family has one."""
+        patch = self.model.config.patch_size
+        patch = patch if isinstance(patch, int) else patch[0]
+        return (self.image_size // patch) ** 2 + int(self.family.cls_token)
+
     def train(self, mode: bool = True) -> FrozenVisionEncoder:
         super().train(mode)
         if self.frozen:
@@ -126,7 +134,7 @@ def load_vision_model(source, *, dtype: torch.dtype | None = None) -> PreTrained
 
     from safetensors.torch import load_file
 
-    from vlbridge.interop.hf import resolve
+    from vlbridge.utils.hub import resolve
 
     path = resolve(source)
     config = json.loads((path / "config.json").read_text())

@@ -27,7 +27,7 @@ from vlbridge.index.store import IndexStore
 from vlbridge.utils.io import file_digest
 
 if TYPE_CHECKING:
-    from vlbridge.models.blip2 import Blip2
+    from vlbridge.models.vlm import VisionLanguageModel
 
 ANN_NAME = "vectors.faiss"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -52,12 +52,12 @@ class BuildReport:
         return asdict(self)
 
 
-def fingerprint(model: Blip2) -> list[float]:
+def fingerprint(model: VisionLanguageModel) -> list[float]:
     """The model's ITC embedding of :data:`PROBE_TEXT` (rounded), which tells models apart."""
     return [round(float(x), 5) for x in model.embed_texts([PROBE_TEXT])[0]]
 
 
-def check_fingerprint(store: IndexStore, model: Blip2) -> None:
+def check_fingerprint(store: IndexStore, model: VisionLanguageModel) -> None:
     """Refuse a model whose embeddings are not those the index was built with."""
     recorded = store.get_meta("fingerprint")
     if recorded is None:
@@ -83,7 +83,7 @@ def scan_images(root: Path, *, exclude: Path | None = None) -> list[str]:
     return sorted(found)
 
 
-def _model_shape(model: Blip2) -> tuple[int, int]:
+def _model_shape(model: VisionLanguageModel) -> tuple[int, int]:
     """(Q vectors per image, E width) of the model's ITC image embeddings, from embedding one blank image."""
     from PIL import Image
 
@@ -93,7 +93,7 @@ def _model_shape(model: Blip2) -> tuple[int, int]:
 
 def build_index(
     images_dir: str | os.PathLike,
-    model: Blip2,
+    model: VisionLanguageModel,
     out: str | os.PathLike,
     *,
     model_source: str | None = None,
@@ -198,7 +198,7 @@ def _plan(root: Path, store: IndexStore, out: Path, report: BuildReport) -> list
 def _embed(
     root: Path,
     store: IndexStore,
-    model: Blip2,
+    model: VisionLanguageModel,
     todo: Sequence[tuple[str, os.stat_result]],
     batch_size: int,
     progress: bool,

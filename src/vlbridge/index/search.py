@@ -26,7 +26,7 @@ from vlbridge.index.build import ANN_NAME, check_fingerprint
 from vlbridge.index.store import IndexStore
 
 if TYPE_CHECKING:
-    from vlbridge.models.blip2 import Blip2
+    from vlbridge.models.vlm import VisionLanguageModel
 
 DEFAULT_SHORTLIST = 32  # ITC candidates re-scored by ITM
 
@@ -54,7 +54,9 @@ class ImageIndex:
             print(hit.score, hit.path)
     """
 
-    def __init__(self, directory: str | os.PathLike, model: Blip2, *, ann: AnnSettings | None = None) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, model: VisionLanguageModel, *, ann: AnnSettings | None = None
+    ) -> None:
         self.directory = Path(directory).expanduser()
         self.store = IndexStore(self.directory)
         self.model = model
@@ -70,7 +72,7 @@ class ImageIndex:
         self.queries = int(self.store.get_meta("queries"))
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, model: Blip2 | None = None, **kwargs: Any) -> ImageIndex:
+    def open(cls, directory: str | os.PathLike, model: VisionLanguageModel | None = None, **kwargs: Any) -> ImageIndex:
         """Open an index; without ``model``, load the one recorded at build time (``model_source``)."""
         if model is None:
             store = IndexStore(directory)

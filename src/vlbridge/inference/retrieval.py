@@ -41,17 +41,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlbridge.errors import InputError
 from vlbridge.eval.progress import progress_bar
 from vlbridge.eval.retrieval import recall_at_k, repeated_captions, rerank_with_itm
 from vlbridge.inference.tasks import _qformer_tokens, _require_heads, pixel_values
 
+Model = nn.Module  # a `vlbridge.models.vlm.VisionLanguageModel` with matching heads (`model.retrieval`)
+
 if TYPE_CHECKING:
     from vlbridge.data.datasets import CaptionRecord
-    from vlbridge.models.blip2 import Blip2
 
 __all__ = [
     "DEFAULT_MAX_CACHE_BYTES",
@@ -164,7 +164,7 @@ def _check_texts(texts: Sequence[str], name: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------------------ helpers
 @contextmanager
-def _eval_mode(model: Blip2) -> Iterator[None]:
+def _eval_mode(model: Model) -> Iterator[None]:
     """Evaluate without dropout, then give the model back in the mode it was in."""
     was_training = model.training
     model.eval()
@@ -197,20 +197,23 @@ def _prefetch(items: Sequence[Any], batch_size: int, load: Callable[[Sequence[An
             yield current
 
 
-def _image_features(model: Blip2, image_kv: KVs) -> Tensor:
-    """ITC image features [B, Q, E] from precomputed cross-attention K/V (as ``Blip2.itc_image_features``)."""
-    q = model.qformer(image_kv=image_kv).query_output
-    return F.normalize(model.vision_proj(q), dim=-1)
+def _image_state(model: Model, image_tokens: Tensor) -> KVs:
+    """What the matching heads compute once per image (a Q-Former's cross-attention K/V)."""
+    return model.retrieval.image_state(image_tokens)
 
 
-def _itm_match_logit(model: Blip2, image_kv: KVs, ids: Tensor, mask: Tensor) -> Tensor:
-    """ITM "match" logit [B] of aligned (image K/V, text) rows (as ``Blip2.itm_logits(...)[:, 1]``)."""
-    out = model.qformer(image_kv=image_kv, input_ids=ids, attention_mask=mask, regime="bidirectional")
-    return model.itm_head(out.query_output).mean(dim=1)[:, 1]
+def _image_features(model: Model, image_kv: KVs) -> Tensor:
+    """ITC image features [B, Q, E] from an image state."""
+    return model.retrieval.image_embeddings(image_kv)
 
 
-def _index_kv(image_kv: KVs, rows: Tensor) -> KVs:
-    return [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in image_kv]
+def _itm_match_logit(model: Model, image_kv: KVs, ids: Tensor, mask: Tensor) -> Tensor:
+    """ITM "match" logit [B] of aligned (image state, text) rows."""
+    return model.retrieval.match_logits(image_kv, ids, mask)[:, 1]
+
+
+def _index_kv(model: Model, image_kv: KVs, rows: Tensor) -> KVs:
+    return model.retrieval.select_state(image_kv, rows)
 
 
 def _trimmed(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,17 +222,17 @@ def _trimmed(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return ids[:, :width], mask[:, :width]
 
 
-def _tokenize(model: Blip2, texts: list[str]) -> tuple[Tensor, Tensor]:
-    return _qformer_tokens(model, texts, model.config.prompts.text_max_length)
+def _tokenize(model: Model, texts: list[str]) -> tuple[Tensor, Tensor]:
+    return _qformer_tokens(model, texts, model.retrieval.text_max_length)
 
 
-def _text_features(model: Blip2, ids: Tensor, mask: Tensor, batch_size: int, progress: bool) -> Tensor:
+def _text_features(model: Model, ids: Tensor, mask: Tensor, batch_size: int, progress: bool) -> Tensor:
     """ITC text features [T, E] for pre-tokenised texts."""
     feats = []
     with _bar(len(ids), "texts", "txt", progress) as bar:
         for start in range(0, len(ids), batch_size):
             b_ids, b_mask = _trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
-            feats.append(model.itc_text_features(b_ids, b_mask).float())
+            feats.append(model.retrieval.text_embeddings(b_ids, b_mask).float())
             bar.update(len(b_ids))
     return torch.cat(feats)
 
@@ -254,7 +257,7 @@ class _ImageKV:
     image is projected once; new images are projected together in one call.
     """
 
-    def __init__(self, model: Blip2, features: Tensor | None, sources: list[Any], batch_size: int) -> None:
+    def __init__(self, model: Model, features: Tensor | None, sources: list[Any], batch_size: int) -> None:
         self.model = model
         self.features = features  # [n_images, N, Dv] on the CPU, or None: recompute from `sources`
         self.sources = sources
@@ -266,11 +269,11 @@ class _ImageKV:
         """K/V of `images`, stacked in that order (per layer [len(images), nh, N, hd])."""
         model = self.model
         if self.features is not None:
-            return model.qformer.image_kv(self.features[images].to(model.device))
+            return _image_state(model, self.features[images].to(model.device))
         parts = []
         for start in range(0, len(images), self.batch_size):
             chunk = [self.sources[i] for i in images[start : start + self.batch_size]]
-            parts.append(model.qformer.image_kv(model.image_embeds(pixel_values(model, chunk))))
+            parts.append(_image_state(model, model.image_tokens(pixel_values(model, chunk))))
         layers = zip(*parts)  # per layer: that layer's (keys, values) of every chunk, or Nones
         return [
             None if kv[0] is None else (torch.cat([x[0] for x in kv]), torch.cat([x[1] for x in kv])) for kv in layers
@@ -301,7 +304,7 @@ class _ImageKV:
         self.kv = stacked
         self.held = {i: n for n, i in enumerate(kept + missing)}
         rows = torch.tensor([self.held[i] for i in images], dtype=torch.long, device=device)
-        return _index_kv(stacked, rows)
+        return _index_kv(self.model, stacked, rows)
 
 
 def default_k(gallery: int) -> int:
@@ -315,7 +318,7 @@ def default_k(gallery: int) -> int:
 
 # ------------------------------------------------------------------------------------------------------------ retrieval
 def retrieval_scores(
-    model: Blip2,
+    model: Model,
     records: Sequence[CaptionRecord],
     *,
     k: int | None = None,
@@ -373,8 +376,8 @@ def retrieval_scores(
         kept: list[Tensor] | None = [] if rerank else None
         with _bar(n_images, "images", "img", progress) as bar:
             for pixels in _prefetch(sources, batch_size, lambda batch: pixel_values(model, list(batch))):
-                embeds = model.image_embeds(pixels)  # [b, N, Dv]
-                image_feats.append(_image_features(model, model.qformer.image_kv(embeds)))
+                embeds = model.image_tokens(pixels)  # [b, N, Dv]
+                image_feats.append(_image_features(model, _image_state(model, embeds)))
                 if kept is not None:
                     per_image = embeds[0].numel() * embeds.element_size()
                     if per_image * n_images <= max_cache_bytes:
@@ -475,7 +478,7 @@ def _json_id(value: Any) -> Any:
 
 
 def evaluate_retrieval(
-    model: Blip2,
+    model: Model,
     records: Sequence[CaptionRecord],
     *,
     k: int | None = None,

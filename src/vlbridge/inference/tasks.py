@@ -10,17 +10,16 @@ Shapes: B batch, Q queries, D LLM width, P prefix length, T text length.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlbridge.errors import InputError
+from vlbridge.inference import prefix
 from vlbridge.inference.generation import GenerationSettings, generate
 
-if TYPE_CHECKING:
-    from vlbridge.models.blip2 import Blip2
+Model = nn.Module  # a `vlbridge.models.vlm.VisionLanguageModel`; never imported here (it imports this module)
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -55,7 +54,7 @@ def _texts(texts, name: str, n: int | None = None) -> list[str]:
     return texts
 
 
-def pixel_values(model: Blip2, images) -> Tensor:
+def pixel_values(model: Model, images) -> Tensor:
     """Preprocess images with the checkpoint's processor settings -> [B, 3, H, W]."""
     if isinstance(images, Tensor) and images.dim() == 4:
         from vlbridge.data.images import check_finite
@@ -72,48 +71,22 @@ def _chunks(n: int, size: int):
 
 
 # --------------------------------------------------------------------------------------------- prefix
-def _qformer_tokens(model: Blip2, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
-    if model.qformer_tokenizer is None:
-        raise InputError("this model has no Q-Former tokenizer")
-    enc = model.qformer_tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return enc.input_ids.to(model.device), enc.attention_mask.to(model.device)
+def _qformer_tokens(model: Model, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """Texts in the bridge's own vocabulary (a Q-Former's BERT tokens)."""
+    return model.bridge_text(texts, max_length)
 
 
-def _soft_prompts(model: Blip2, pixels: Tensor, prompts: list[str] | None) -> Tensor:
-    """Images (+ instructions for InstructBLIP) -> soft prompts [B, Q, D]."""
-    image_embeds = model.image_embeds(pixels)
-    ids = mask = None
-    if model.config.prompts.instruct:
-        ids, mask = _qformer_tokens(model, prompts or [""] * len(pixels), model.config.prompts.qformer_max_length)
-    return model.soft_prompt(model.query_output(image_embeds, ids, mask))
+def _soft_prompts(model: Model, pixels: Tensor, prompts: list[str] | None) -> Tensor:
+    """Images (+ instructions, for an instruction-aware bridge) -> visual prefixes [B, Q, D]."""
+    return model.visual_prefix(pixels, prompts)
 
 
-def assemble_prefix(model: Blip2, soft: Tensor, token_lists: list[list[int]], *, left: bool = True):
-    """Place each row's soft prompt and tokens into one padded sequence.
-
-    Row i becomes `[pad..., soft_i, tokens_i]` (left padding, for generation) or `[soft_i, tokens_i, pad...]`.
-    Returns (embeds [B, P, D], mask [B, P], soft_slots [B, P] bool, ids [B, P] with pad in soft slots).
-    """
-    B, Q, D = soft.shape
-    lm = model.language_model
-    pad = _pad_id(model)
-    width = max(len(t) for t in token_lists)
-    P = Q + width
-    ids = torch.full((B, P), pad, dtype=torch.long)
-    slots = torch.zeros(B, P, dtype=torch.bool)
-    mask = torch.zeros(B, P, dtype=torch.long)
-    for i, toks in enumerate(token_lists):
-        start = width - len(toks) if left else 0
-        slots[i, start : start + Q] = True
-        ids[i, start + Q : start + Q + len(toks)] = torch.tensor(toks, dtype=torch.long)
-        mask[i, start : start + Q + len(toks)] = 1
-    ids, slots, mask = ids.to(soft.device), slots.to(soft.device), mask.to(soft.device)
-    embeds = lm.get_input_embeddings()(ids)  # [B, P, D]
-    embeds = embeds.masked_scatter(slots[..., None], soft.to(embeds.dtype))  # soft prompt into its slots, row-major
-    return embeds, mask, slots, ids
+def assemble_prefix(model: Model, soft: Tensor, token_lists: list[list[int]], *, left: bool = True):
+    """The LM's input for token rows with IMAGE slots (see `vlbridge.inference.prefix.assemble_prefix`)."""
+    return prefix.assemble_prefix(model.language_model, soft, token_lists, pad_id=_pad_id(model), left=left)
 
 
-def _pad_id(model: Blip2) -> int:
+def _pad_id(model: Model) -> int:
     tok, cfg = model.tokenizer, model.language_model.generation_config
     for candidate in (tok.pad_token_id if tok is not None else None, cfg.pad_token_id, _eos_ids(model)[0]):
         if candidate is not None:
@@ -121,7 +94,7 @@ def _pad_id(model: Blip2) -> int:
     return 0
 
 
-def _eos_ids(model: Blip2) -> list[int]:
+def _eos_ids(model: Model) -> list[int]:
     eos = model.language_model.generation_config.eos_token_id
     if eos is None and model.tokenizer is not None:
         eos = model.tokenizer.eos_token_id
@@ -130,15 +103,14 @@ def _eos_ids(model: Blip2) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
 
 
-def _prompt_tokens(model: Blip2, prompt: str) -> list[int]:
-    if model.tokenizer is None:
-        raise InputError("this model has no LLM tokenizer")
-    return model.tokenizer(prompt).input_ids
+def _prompt_tokens(model: Model, prompt: str) -> list[int]:
+    """The prompt's tokens with the image's slot (`prefix.IMAGE`) where the model's convention puts it."""
+    return prefix.prompt_tokens(model.tokenizer, model.config.prompts, prompt)
 
 
 # --------------------------------------------------------------------------------------------- length limits
-def max_positions(model: Blip2) -> int | None:
-    """How many positions the LLM can attend over (soft prompt + text + generated), or None for no fixed limit.
+def max_positions(model: Model) -> int | None:
+    """How many positions the LLM can attend over (visual prefix + text + generated), or None for no fixed limit.
 
     Decoder-only LLMs with learned or rotary positions have one (`max_position_embeddings`, GPT-2's
     `n_positions`); T5's relative positions have none.
@@ -153,12 +125,13 @@ def max_positions(model: Blip2) -> int | None:
     return None
 
 
-def _num_queries(model: Blip2) -> int:
-    return int(model.qformer.query_tokens.shape[1])
+def _num_queries(model: Model) -> int:
+    """Prefix positions one image takes in the LM."""
+    return model.num_visual_tokens
 
 
-def check_fits(model: Blip2, token_lists: list[list[int]], extra: int, what: str) -> None:
-    """Refuse inputs that, with the soft prompt and `extra` more tokens, exceed the LLM's positions.
+def check_fits(model: Model, token_lists: list[list[int]], extra: int, what: str) -> None:
+    """Refuse inputs that, with their images' prefixes and `extra` more tokens, exceed the LLM's positions.
 
     Raises:
         InputError: Names the input, its length in tokens and the limit.
@@ -167,25 +140,26 @@ def check_fits(model: Blip2, token_lists: list[list[int]], extra: int, what: str
     if limit is None:
         return
     Q = _num_queries(model)
-    longest = max(len(t) for t in token_lists)
-    if Q + longest + extra <= limit:
+    visual = max(t.count(prefix.IMAGE) for t in token_lists) * Q
+    longest = max(prefix.expanded_length(t, Q) for t in token_lists) - visual  # text tokens of the longest row
+    if visual + longest + extra <= limit:
         return
-    room = limit - Q - longest
+    room = limit - visual - longest
     if room >= 1 and extra > 1 and what != "text":  # the input fits; only the generation budget does not
         raise InputError(
-            f"max_new_tokens={extra} does not fit: the {what} takes {Q} + {longest} of the model's {limit} "
+            f"max_new_tokens={extra} does not fit: the {what} takes {visual} + {longest} of the model's {limit} "
             f"positions, so at most {room} new tokens can be generated"
         )
     raise InputError(
-        f"{what} too long: {longest} tokens, but the model has {limit} positions, {Q} of them for the image "
-        f"(at most {max(0, limit - Q - extra)} tokens here); shorten it"
+        f"{what} too long: {longest} tokens, but the model has {limit} positions, {visual} of them for the image "
+        f"(at most {max(0, limit - visual - extra)} tokens here); shorten it"
     )
 
 
 # --------------------------------------------------------------------------------------------- generation
 @torch.inference_mode()
 def generate_text(
-    model: Blip2,
+    model: Model,
     images,
     prompts: list[str],
     settings: GenerationSettings,
@@ -223,7 +197,7 @@ def generate_text(
 
 
 def caption(
-    model: Blip2,
+    model: Model,
     images,
     prompt: str | Sequence[str] | None = None,
     *,
@@ -261,7 +235,7 @@ def caption(
 
 
 def answer(
-    model: Blip2,
+    model: Model,
     images,
     questions: str | Sequence[str],
     *,
@@ -287,7 +261,7 @@ class Chat:
         chat.ask("what colour is it?")
     """
 
-    def __init__(self, model: Blip2, image, *, max_new_tokens: int = 30, num_beams: int = 1) -> None:
+    def __init__(self, model: Model, image, *, max_new_tokens: int = 30, num_beams: int = 1) -> None:
         self.model = model
         self.pixels = pixel_values(model, [image] if not isinstance(image, Tensor) or image.dim() == 3 else image)
         if self.pixels.shape[0] != 1:
@@ -303,10 +277,11 @@ class Chat:
         limit = max_positions(self.model)
         if limit is None or self.model.tokenizer is None:
             return " ".join([*turns, question])
-        budget = limit - _num_queries(self.model) - self.settings.max_new_tokens
+        budget = limit - self.settings.max_new_tokens
+        Q = _num_queries(self.model)
         for start in range(len(turns) + 1):  # drop the oldest turn until the rest fits
             text = " ".join([*turns[start:], question])
-            if len(_prompt_tokens(self.model, text)) <= budget:
+            if prefix.expanded_length(_prompt_tokens(self.model, text), Q) <= budget:
                 return text
         return question  # does not fit even alone: generate_text says so
 
@@ -324,7 +299,7 @@ class Chat:
 # --------------------------------------------------------------------------------------------- scoring
 @torch.inference_mode()
 def score(
-    model: Blip2,
+    model: Model,
     images,
     texts: str | Sequence[str],
     *,
@@ -361,22 +336,22 @@ def score(
     return out
 
 
-def _score_decoder(model: Blip2, soft: Tensor, prompts: list[list[int]], targets: list[list[int]]) -> list[float]:
+def _score_decoder(model: Model, soft: Tensor, prompts: list[list[int]], targets: list[list[int]]) -> list[float]:
     joined = [p + t for p, t in zip(prompts, targets)]
-    embeds, mask, _, ids = assemble_prefix(model, soft, joined, left=False)  # [soft, prompt, target, pad...]
+    embeds, mask, _, ids = assemble_prefix(model, soft, joined, left=False)  # [prompt with image, target, pad...]
     Q = soft.shape[1]
     logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()  # [B, P, V]
     logp = F.log_softmax(logits[:, :-1], dim=-1)  # position j predicts token j + 1
     scores = []
     for i, (p, t) in enumerate(zip(prompts, targets)):
-        first = Q + len(p)  # index of the first target token
+        first = prefix.expanded_length(p, Q)  # index of the first target token
         positions = torch.arange(first - 1, first - 1 + len(t), device=logits.device)
         scores.append(float(logp[i, positions, ids[i, first : first + len(t)]].sum()))
     return scores
 
 
 def _score_encoder_decoder(
-    model: Blip2, soft: Tensor, prompts: list[list[int]], targets: list[list[int]]
+    model: Model, soft: Tensor, prompts: list[list[int]], targets: list[list[int]]
 ) -> list[float]:
     lm = model.language_model
     embeds, mask, _, _ = assemble_prefix(model, soft, prompts)
@@ -391,7 +366,7 @@ def _score_encoder_decoder(
 
 
 def rank_answers(
-    model: Blip2,
+    model: Model,
     images,
     questions: str | Sequence[str],
     candidates: Sequence[str],
@@ -412,53 +387,56 @@ def rank_answers(
 
 
 # --------------------------------------------------------------------------------------------- ITM / ITC
-def _require_heads(model: Blip2) -> None:
-    if model.config.embed_dim is None:
+def _require_heads(model: Model):
+    """The model's image-text matching heads (`RetrievalHeads`), or a clear error."""
+    heads = model.retrieval
+    if heads is None:
         raise InputError("this model has no ITM/ITC heads (a generation-only checkpoint); use a stage-1 model")
+    return heads
 
 
 @torch.inference_mode()
-def itm(model: Blip2, images, texts: str | Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE) -> list[float]:
+def itm(model: Model, images, texts: str | Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE) -> list[float]:
     """Probability that each (image, text) pair matches, from the ITM head."""
-    _require_heads(model)
+    heads = _require_heads(model)
     images = _as_list(images, "images")
     texts = _texts(texts, "texts", len(images))
     out: list[float] = []
     for sl in _chunks(len(images), batch_size):
-        embeds = model.image_embeds(pixel_values(model, images[sl]))
-        ids, mask = _qformer_tokens(model, texts[sl], model.config.prompts.text_max_length)
-        out.extend(model.itm_logits(embeds, ids, mask).float().softmax(-1)[:, 1].tolist())
+        state = heads.image_state(model.image_tokens(pixel_values(model, images[sl])))
+        ids, mask = _qformer_tokens(model, texts[sl], heads.text_max_length)
+        out.extend(heads.match_logits(state, ids, mask).float().softmax(-1)[:, 1].tolist())
     return out
 
 
 @torch.inference_mode()
-def embed_images(model: Blip2, images, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
+def embed_images(model: Model, images, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
     """Multi-vector ITC image embeddings [n_images, Q, E]: one L2-normalised vector per query, float32 on the CPU.
 
     An image's ITC similarity to a text is the best of its Q vectors against the text's (:func:`itc`).
     """
-    _require_heads(model)
+    heads = _require_heads(model)
     images = _as_list(images, "images")
     feats = [
-        model.itc_image_features(model.image_embeds(pixel_values(model, images[sl]))).float().cpu()
+        heads.image_embeddings(heads.image_state(model.image_tokens(pixel_values(model, images[sl])))).float().cpu()
         for sl in _chunks(len(images), batch_size)
     ]
     return torch.cat(feats)  # [I, Q, E]
 
 
 @torch.inference_mode()
-def embed_texts(model: Blip2, texts: str | Sequence[str], *, batch_size: int = 64) -> Tensor:
+def embed_texts(model: Model, texts: str | Sequence[str], *, batch_size: int = 64) -> Tensor:
     """ITC text embeddings [n_texts, E] ([CLS] of a text-only Q-Former pass), L2-normalised, float32 on the CPU."""
-    _require_heads(model)
+    heads = _require_heads(model)
     texts = _texts(texts, "texts")
     feats = []
     for sl in _chunks(len(texts), batch_size):
-        ids, mask = _qformer_tokens(model, texts[sl], model.config.prompts.text_max_length)
-        feats.append(model.itc_text_features(ids, mask).float().cpu())
+        ids, mask = _qformer_tokens(model, texts[sl], heads.text_max_length)
+        feats.append(heads.text_embeddings(ids, mask).float().cpu())
     return torch.cat(feats)  # [T, E]
 
 
-def itc(model: Blip2, images, texts: str | Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
+def itc(model: Model, images, texts: str | Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE) -> Tensor:
     """Cosine similarity [n_images, n_texts]: the best-matching query of each image against each text."""
     image_feats = embed_images(model, images, batch_size=batch_size)  # [I, Q, E]
     text_feats = embed_texts(model, texts)  # [T, E]

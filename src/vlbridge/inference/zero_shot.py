@@ -27,6 +27,7 @@ from vlbridge.inference.retrieval import (
     _eval_mode,
     _finite,
     _image_features,
+    _image_state,
     _index_kv,
     _itm_match_logit,
     _max_over_queries,
@@ -40,13 +41,14 @@ from vlbridge.inference.retrieval import (
 from vlbridge.inference.tasks import _require_heads, pixel_values
 
 if TYPE_CHECKING:
-    from vlbridge.models.blip2 import Blip2
+    from torch import nn
+
 
 __all__ = ["zero_shot_classify"]
 
 
 def zero_shot_classify(
-    model: Blip2,
+    model: nn.Module,
     images: Sequence[Any],
     class_names: Sequence[str],
     labels: Sequence[int] | None = None,
@@ -128,7 +130,7 @@ def zero_shot_classify(
         rows = []
         with _bar(len(images), "zero-shot", "img", progress) as bar:
             for pixels in _prefetch(images, batch_size, lambda batch: pixel_values(model, list(batch))):
-                kv = model.qformer.image_kv(model.image_embeds(pixels))
+                kv = _image_state(model, model.image_tokens(pixels))
                 sim = _max_over_queries(_image_features(model, kv), text_feats)  # [b, C]
                 if rerank:
                     sim = _rerank_classes(model, kv, sim, ids, mask, k_classes, batch_size, n_templates)
@@ -162,7 +164,7 @@ def zero_shot_classify(
 
 
 def _rerank_classes(
-    model: Blip2, kv: KVs, sim: Tensor, ids: Tensor, mask: Tensor, k: int, batch_size: int, n_templates: int = 1
+    model: nn.Module, kv: KVs, sim: Tensor, ids: Tensor, mask: Tensor, k: int, batch_size: int, n_templates: int = 1
 ) -> Tensor:
     """Each image's top-k classes -> ``itm_logit + itc``, the rest ``-inf`` (image -> class direction only).
 
@@ -181,7 +183,7 @@ def _rerank_classes(
     for start in range(0, len(rows_image), batch_size):
         im, pr = rows_image[start : start + batch_size], rows_prompt[start : start + batch_size]
         b_ids, b_mask = _trimmed(ids[pr.to(ids.device)], mask[pr.to(ids.device)])
-        itm.append(_itm_match_logit(model, _index_kv(kv, im.to(model.device)), b_ids, b_mask).float().cpu())
+        itm.append(_itm_match_logit(model, _index_kv(model, kv, im.to(model.device)), b_ids, b_mask).float().cpu())
     logit = torch.cat(itm).reshape(n_templates, -1).mean(dim=0)  # [P]: mean over the class's prompts
     out = torch.full_like(sim, float("-inf"))
     out[pair_image, pair_class] = logit + sim[pair_image, pair_class]

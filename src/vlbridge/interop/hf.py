@@ -8,6 +8,7 @@ files, so what we save is what transformers loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +22,9 @@ from torch import nn
 from vlbridge.bridges.qformer import QFormerConfig
 from vlbridge.encoders.vision import FrozenVisionEncoder
 from vlbridge.errors import CheckpointError
-from vlbridge.models.blip2 import Blip2, Blip2Config, PromptStyle
+from vlbridge.models.vlm import PromptStyle, VisionLanguageModel, VLMConfig
+from vlbridge.utils.formats import register_saver
+from vlbridge.utils.hub import resolve
 
 SUPPORTED = {
     "Blip2ForConditionalGeneration": "blip-2",
@@ -111,25 +114,6 @@ def ours_to_hf(key: str, architecture: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def resolve(source: str | os.PathLike) -> Path:
-    """A local folder, or a hub id downloaded (or found in the local cache) with huggingface_hub."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{source}: expected a checkpoint folder or a hub id, found a file")
-    text = str(source)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointError(f"{source}: no such folder (and not a hub id of the form 'owner/name')")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*/*.json", "*/*.txt", "*/*.model"]
-        return Path(snapshot_download(text, allow_patterns=patterns))
-    except Exception as exc:  # network, auth, missing repo: one clear line
-        raise CheckpointError(f"{source}: not a local folder, and the hub download failed: {exc}") from exc
-
-
 def read_config(path: Path) -> dict[str, Any]:
     file = path / "config.json"
     if not file.exists():
@@ -157,7 +141,7 @@ def architecture_of(config: dict[str, Any], path: Path) -> str:
 
 def load_hf(
     source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> Blip2:
+) -> VisionLanguageModel:
     """Load a transformers BLIP-2 / InstructBLIP / BLIP-2 retrieval checkpoint into our model."""
     path = resolve(source)
     config = read_config(path)
@@ -176,7 +160,7 @@ def load_hf(
     return model.to(device)
 
 
-def from_hf_model(hf: nn.Module) -> Blip2:
+def from_hf_model(hf: nn.Module) -> VisionLanguageModel:
     """Build our model around the frozen parts of a transformers BLIP-2 model and copy its bridge weights."""
     arch = type(hf).__name__
     cfg = hf.config
@@ -204,39 +188,45 @@ def from_hf_model(hf: nn.Module) -> Blip2:
     t5 = lm is not None and lm.config.is_encoder_decoder
     prompts = PromptStyle(
         vqa_template="Question: {} Short answer:" if t5 else "Question: {} Answer:",
-        instruct=instruct,
         caption_prompt="A short image caption:" if instruct else "",
     )
-    ours_cfg = Blip2Config(
-        qformer=qcfg,
+    bridge_cfg = {
+        "kind": "qformer",
+        "qformer": dataclasses.asdict(qcfg),
+        "vision_norm_eps": cfg.vision_config.layer_norm_eps,
+        "embed_dim": cfg.image_text_hidden_size if retrieval else None,
+        "instruct": instruct,
+    }
+    ours_cfg = VLMConfig(
+        bridge=bridge_cfg,
         vision=cfg.vision_config.to_dict(),
         vision_layer=-1,
-        vision_norm_eps=cfg.vision_config.layer_norm_eps,
         language=None if lm is None else lm.config.to_dict(),
-        embed_dim=cfg.image_text_hidden_size if retrieval else None,
         prompts=prompts,
     )
     state = hf.state_dict()
     # The vision model's post_layernorm is BLIP-2's trainable ln_vision: the wrapper drops it, the bridge has it.
-    model = Blip2(config=ours_cfg, vision=FrozenVisionEncoder(hf.vision_model, layer=-1), language_model=lm)
+    model = VisionLanguageModel(
+        config=ours_cfg, vision=FrozenVisionEncoder(hf.vision_model, layer=-1), language_model=lm
+    )
     bridge = {}
     for key, value in state.items():
         ours = hf_to_ours(key)
         if ours is not None:
             bridge[ours] = value.float()
     # transformers has no ITC temperature and no ITG head: those keep their initial values.
-    expected = {n for n in model.state_dict() if not n.startswith(("vision.", "language_model.", "temp", "itg_head."))}
+    expected = {n for n in model.bridge.state_dict() if not n.startswith(("temp", "itg_head."))}
     missing = sorted(expected - bridge.keys())
     unexpected = sorted(bridge.keys() - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"{arch} weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
-    model.load_state_dict(bridge, strict=False)
+    model.bridge.load_state_dict(bridge, strict=False)
     return model
 
 
-def _attach_preprocessing(model: Blip2, path: Path, arch: str) -> None:
+def _attach_preprocessing(model: VisionLanguageModel, path: Path, arch: str) -> None:
     from transformers import AutoTokenizer
 
     from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
@@ -261,14 +251,14 @@ def _attach_preprocessing(model: Blip2, path: Path, arch: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ saving
-def hf_architecture(model: Blip2) -> str:
+def hf_architecture(model: VisionLanguageModel) -> str:
     if model.language_model is None:
         return "Blip2ForImageTextRetrieval"
-    return "InstructBlipForConditionalGeneration" if model.config.prompts.instruct else "Blip2ForConditionalGeneration"
+    return "InstructBlipForConditionalGeneration" if model.bridge.instruction_aware else "Blip2ForConditionalGeneration"
 
 
-def _hf_config(model: Blip2, arch: str, image_token_index: int | None):
-    q = model.config.qformer
+def _hf_config(model: VisionLanguageModel, arch: str, image_token_index: int | None):
+    q = model.bridge.config.qformer
     vision_type = model.vision.model.config.model_type
     if vision_type not in ("blip_2_vision_model", "instructblip_vision_model") or model.vision.index != len(
         model.vision.model.encoder.layers
@@ -293,11 +283,12 @@ def _hf_config(model: Blip2, arch: str, image_token_index: int | None):
         encoder_hidden_size=q.encoder_hidden_size,
     )
     vision_config = dict(model.vision.model.config.to_dict())
-    if abs(vision_config.get("layer_norm_eps", 1e-6) - model.ln_vision.eps) > 1e-12:
+    if abs(vision_config.get("layer_norm_eps", 1e-6) - model.bridge.ln_vision.eps) > 1e-12:
         import warnings
 
         warnings.warn(  # LAVIS checkpoints: ln_vision eps 1e-5, EVA blocks 1e-6; transformers has one field
-            f"transformers stores one LayerNorm eps for the whole vision model: ln_vision's {model.ln_vision.eps} "
+            "transformers stores one LayerNorm eps for the whole vision model: "
+            f"ln_vision's {model.bridge.ln_vision.eps} "
             f"becomes {vision_config.get('layer_norm_eps')} in the saved checkpoint (outputs differ very slightly)",
             stacklevel=3,
         )
@@ -319,11 +310,11 @@ def _hf_config(model: Blip2, arch: str, image_token_index: int | None):
         text_config=model.config.language,
         num_query_tokens=q.num_query_tokens,
         image_token_index=image_token_index,
-        image_text_hidden_size=model.config.embed_dim or 256,
+        image_text_hidden_size=model.bridge.config.embed_dim or 256,
     )
 
 
-def _image_token(model: Blip2) -> int | None:
+def _image_token(model: VisionLanguageModel) -> int | None:
     """Id of the `<image>` placeholder transformers scatters the soft prompt into (added if missing)."""
     tok = model.tokenizer
     if tok is None:
@@ -340,11 +331,13 @@ def _image_token(model: Blip2) -> int | None:
     return index
 
 
-def save_hf(model: Blip2, directory: str | os.PathLike) -> Path:
+@register_saver("hf", kind="qformer")
+def save_hf(model: VisionLanguageModel, directory: str | os.PathLike) -> Path:
     """Write a transformers checkpoint (atomically: a temporary folder renamed into place)."""
-    if model.qformer.config.image_position != "none":
+    position = model.bridge.config.qformer.image_position
+    if position != "none":
         raise CheckpointError(
-            f"this Q-Former adds {model.qformer.config.image_position!r} positions to its image keys, which "
+            f"this Q-Former adds {position!r} positions to its image keys, which "
             "transformers' BLIP-2 classes cannot represent: save it with format='native' (or train with "
             "model.image_position=none for a transformers export)"
         )
@@ -358,9 +351,7 @@ def save_hf(model: Blip2, directory: str | os.PathLike) -> Path:
     if model.language_model is not None:
         for key, value in model.language_model.state_dict().items():
             state[f"language_model.{key}"] = value
-    for key, value in model.state_dict().items():
-        if key.startswith(("vision.", "language_model.")):
-            continue
+    for key, value in model.bridge.state_dict().items():
         theirs = ours_to_hf(key, arch)
         if theirs is not None:
             state[theirs] = value
@@ -376,7 +367,7 @@ def save_hf(model: Blip2, directory: str | os.PathLike) -> Path:
     return _write_atomically(directory, lambda tmp: _write_hf_files(model, hf, tmp, arch))
 
 
-def _write_hf_files(model: Blip2, hf: nn.Module, tmp: Path, arch: str) -> None:
+def _write_hf_files(model: VisionLanguageModel, hf: nn.Module, tmp: Path, arch: str) -> None:
     hf.save_pretrained(tmp, safe_serialization=True)
     if model.image_processor is not None:
         processor = model.image_processor.config.to_hf_dict()
@@ -390,7 +381,7 @@ def _write_hf_files(model: Blip2, hf: nn.Module, tmp: Path, arch: str) -> None:
     if arch == "InstructBlipForConditionalGeneration" and model.qformer_tokenizer is not None:
         model.qformer_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
     (tmp / "processor_config.json").write_text(
-        json.dumps({"num_query_tokens": model.config.qformer.num_query_tokens}, indent=2)
+        json.dumps({"num_query_tokens": model.bridge.config.qformer.num_query_tokens}, indent=2)
     )
 
 

@@ -60,6 +60,7 @@ Facts worth knowing when loading the result:
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 from collections.abc import Mapping
@@ -505,7 +506,7 @@ def load_lavis(
     from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
     from vlbridge.encoders.vision import FrozenVisionEncoder
     from vlbridge.interop.hf import hf_to_ours
-    from vlbridge.models.blip2 import Blip2, Blip2Config, PromptStyle
+    from vlbridge.models.vlm import PromptStyle, VisionLanguageModel, VLMConfig
 
     kind, converted = convert_lavis_state_dict(read_lavis_checkpoint(path))
     weights, extras = split_lavis_extras(converted)
@@ -532,7 +533,7 @@ def load_lavis(
         if [k for k in missing if not k.startswith("post_layernorm")] or unexpected:
             raise CheckpointError(f"{path}: vision weights do not fit an EVA ViT: {missing[:5]} {unexpected[:5]}")
     elif vision_model is not None:
-        from vlbridge.interop.hf import resolve
+        from vlbridge.utils.hub import resolve
 
         donor = transformers.AutoModel.from_pretrained(resolve(vision_model), dtype=dtype or torch.float32)
         vision_hf = donor.vision_model
@@ -572,7 +573,7 @@ def load_lavis(
                 f"{path}: a {kind} checkpoint needs its frozen LLM: pass language_model= a hub id or folder "
                 "(e.g. facebook/opt-2.7b, google/flan-t5-xl)"
             )
-        from vlbridge.interop.hf import resolve
+        from vlbridge.utils.hub import resolve
 
         source = resolve(language_model)
         lm_config = transformers.AutoConfig.from_pretrained(source)
@@ -589,20 +590,24 @@ def load_lavis(
                 f"{language_model} is {d_llm} wide: wrong LLM for this checkpoint"
             )
     t5 = lm is not None and lm.config.is_encoder_decoder
-    config = Blip2Config(
-        qformer=qcfg,
+    bridge_cfg = {
+        "kind": "qformer",
+        "qformer": dataclasses.asdict(qcfg),
+        "vision_norm_eps": 1e-5,  # LAVIS's ln_vision is a default nn.LayerNorm
+        "embed_dim": weights["vision_projection.weight"].shape[0] if retrieval else None,
+        "instruct": instruct,
+    }
+    config = VLMConfig(
+        bridge=bridge_cfg,
         vision=vcfg.to_dict(),
         vision_layer=-1,
-        vision_norm_eps=1e-5,  # LAVIS's ln_vision is a default nn.LayerNorm
         language=None if lm is None else lm.config.to_dict(),
-        embed_dim=weights["vision_projection.weight"].shape[0] if retrieval else None,
         prompts=PromptStyle(
             vqa_template="Question: {} Short answer:" if t5 else "Question: {} Answer:",
-            instruct=instruct,
             caption_prompt="A short image caption:" if instruct else "",
         ),
     )
-    model = Blip2(config=config, vision=FrozenVisionEncoder(vision_hf, layer=-1), language_model=lm)
+    model = VisionLanguageModel(config=config, vision=FrozenVisionEncoder(vision_hf, layer=-1), language_model=lm)
     bridge = {hf_to_ours(k): v.float() for k, v in weights.items() if hf_to_ours(k) is not None}
     if "temp" in extras and retrieval:
         bridge["temp"] = extras["temp"].float().reshape(())
@@ -615,17 +620,17 @@ def load_lavis(
     }
     if retrieval:
         bridge.update({ours: extras[theirs].float() for theirs, ours in itg_names.items() if theirs in extras})
-    result = model.load_state_dict(bridge, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("vision.", "language_model.", "temp", "itg_head."))]
+    result = model.bridge.load_state_dict(bridge, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("temp", "itg_head."))]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{path}: bridge weights do not fit: missing {missing[:6]}, unexpected {result.unexpected_keys[:6]}"
         )
     model.tokenizer = tokenizer
     if qformer_tokenizer is not None:
-        from vlbridge.interop.hf import resolve
+        from vlbridge.utils.hub import resolve
 
-        model.qformer_tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(qformer_tokenizer))
+        model.bridge_tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(qformer_tokenizer))
     size = vcfg.image_size if isinstance(vcfg.image_size, int) else vcfg.image_size[0]
     model.image_processor = ImageProcessor(ImageProcessorConfig(image_size=(size, size)))
     return model.to(device)

@@ -21,12 +21,16 @@ from safetensors.torch import load_file, save_file
 
 from vlbridge.encoders.vision import FrozenVisionEncoder, build_vision_model
 from vlbridge.errors import CheckpointError, VlbridgeError
-from vlbridge.models.blip2 import Blip2, Blip2Config
+from vlbridge.models.vlm import VisionLanguageModel, VLMConfig
+from vlbridge.utils.formats import register_saver
 from vlbridge.utils.io import atomic_dir, folder_digests, storage_error, verify_digests
+from vlbridge.utils.state import legacy_keys
 
 CONFIG_NAME = "vlbridge.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+MODEL_NAME = "vision-language"  # "blip2" before bridges were parts; both are read
+BRIDGE_TOKENIZER = "qformer_tokenizer"  # the folder of the bridge's own tokenizer (BLIP-2's name for it)
 _EDITED = f'if you edited it on purpose, save the model again (or delete "files" from {CONFIG_NAME})'
 
 
@@ -34,7 +38,8 @@ def is_native(path: Path) -> bool:
     return (path / CONFIG_NAME).exists()
 
 
-def save_native(model: Blip2, directory: str | os.PathLike) -> Path:
+@register_saver("native")
+def save_native(model: VisionLanguageModel, directory: str | os.PathLike) -> Path:
     """Write `model` as a vlbridge checkpoint folder (atomically: the old folder stays until the new one is whole).
 
     Raises:
@@ -60,11 +65,11 @@ def save_native(model: Blip2, directory: str | os.PathLike) -> Path:
             raise storage_error(exc, Path(directory) / WEIGHTS_NAME) from exc
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp / "tokenizer")
-        if model.qformer_tokenizer is not None:
-            model.qformer_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
+        if model.bridge_tokenizer is not None:
+            model.bridge_tokenizer.save_pretrained(tmp / BRIDGE_TOKENIZER)
         if model.image_processor is not None:
             (tmp / "preprocessor_config.json").write_text(json.dumps(model.image_processor.config.to_hf_dict()))
-        meta = {"format_version": FORMAT_VERSION, "model": "blip2", "config": model.config.to_dict()}
+        meta = {"format_version": FORMAT_VERSION, "model": MODEL_NAME, "config": model.config.to_dict()}
         meta["files"] = folder_digests(tmp)  # written last: everything but itself
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
@@ -78,7 +83,7 @@ def _read_meta(path: Path) -> dict:
         raise CheckpointError(f"{path / CONFIG_NAME}: unreadable ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format_version") != FORMAT_VERSION or meta.get("model") != "blip2":
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("model") not in (MODEL_NAME, "blip2"):
         raise CheckpointError(
             f"{path}: unsupported vlbridge checkpoint {meta.get('model')} v{meta.get('format_version')}"
         )
@@ -108,7 +113,7 @@ def verify_native(path: str | os.PathLike, *, full: bool = True) -> None:
 
 def load_native(
     path: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = False
-) -> Blip2:
+) -> VisionLanguageModel:
     """Read a vlbridge checkpoint folder.
 
     Args:
@@ -139,7 +144,7 @@ def load_native(
     try:
         if not isinstance(meta.get("config"), dict):
             raise TypeError("'config' must be a JSON object")
-        config = Blip2Config.from_dict(meta["config"])
+        config = VLMConfig.from_dict(meta["config"])
         vision = FrozenVisionEncoder(build_vision_model(config.vision), layer=config.vision_layer)
         lm = None
         if config.language is not None:
@@ -150,13 +155,13 @@ def load_native(
                 else transformers.AutoModelForCausalLM
             )
             lm = auto.from_config(lm_config)
-        model = Blip2(config=config, vision=vision, language_model=lm)
+        model = VisionLanguageModel(config=config, vision=vision, language_model=lm)
     except VlbridgeError as exc:
         raise CheckpointError(f"{path / CONFIG_NAME}: {exc}") from exc
     except (TypeError, ValueError, KeyError, AttributeError) as exc:  # unknown key, wrong type, bad value
         raise CheckpointError(f"{path / CONFIG_NAME}: invalid model config ({type(exc).__name__}: {exc})") from exc
     try:
-        state = load_file(str(weights))
+        state = legacy_keys(load_file(str(weights)))
     except Exception as exc:  # safetensors' own error for a truncated or garbled file
         raise CheckpointError(f"{weights}: unreadable ({exc})") from exc
     if lm is not None:
@@ -172,8 +177,8 @@ def load_native(
     try:
         if (path / "tokenizer").exists():
             model.tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        if (path / "qformer_tokenizer").exists():
-            model.qformer_tokenizer = AutoTokenizer.from_pretrained(path / "qformer_tokenizer")
+        if (path / BRIDGE_TOKENIZER).exists():
+            model.bridge_tokenizer = AutoTokenizer.from_pretrained(path / BRIDGE_TOKENIZER)
         if (path / "preprocessor_config.json").exists():
             model.image_processor = ImageProcessor(ImageProcessorConfig.from_pretrained(path))
     except VlbridgeError as exc:
@@ -187,7 +192,7 @@ def load_native(
     return model.to(device)
 
 
-def _alias_loaded(model: Blip2, key: str, state: dict) -> bool:
+def _alias_loaded(model: VisionLanguageModel, key: str, state: dict) -> bool:
     """A tied parameter (stored once under another name) counts as loaded if one of its names was."""
     params = dict(model.named_parameters(remove_duplicate=False))
     if key not in params:

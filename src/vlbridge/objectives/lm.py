@@ -1,7 +1,7 @@
 """Stage 2 (and instruction tuning): language modelling through the projected query outputs.
 
-Decoder-only LLMs see `[soft prompt (Q), prompt tokens, target tokens + EOS, pad...]` and are scored on the
-target tokens only (-100 on the queries, the prompt and the padding). Encoder-decoder LLMs (T5) get the
+Decoder-only LLMs see `[prompt tokens with the image's prefix in its slot, target tokens + EOS, pad...]` and are
+scored on the target tokens only (-100 on the image, the prompt and the padding). Encoder-decoder LLMs (T5) get the
 queries and the prompt (for captions: a random prefix of the caption, the paper's prefix-LM) in the encoder
 and the rest of the text as the decoder target. Logits are computed only where a target token is predicted.
 
@@ -14,10 +14,10 @@ import random
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from vlbridge.inference.prefix import expanded_length
 from vlbridge.inference.tasks import assemble_prefix
-from vlbridge.models.blip2 import Blip2
 
 
 def split_prefix(caption: str, rng: random.Random) -> tuple[str, str]:
@@ -30,7 +30,12 @@ def split_prefix(caption: str, rng: random.Random) -> tuple[str, str]:
 
 
 def decoder_lm_loss(
-    model: Blip2, soft: Tensor, prompts: list[list[int]], targets: list[list[int]], *, num_tokens: Tensor | None = None
+    model: nn.Module,
+    soft: Tensor,
+    prompts: list[list[int]],
+    targets: list[list[int]],
+    *,
+    num_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed target-token cross-entropy / `num_tokens` (default: this batch's); returns (loss, token count)."""
     lm = model.language_model
@@ -38,7 +43,7 @@ def decoder_lm_loss(
     Q = soft.shape[1]
     labels = torch.full_like(ids, -100)
     for i, (p, t) in enumerate(zip(prompts, targets)):
-        start = Q + len(p)
+        start = expanded_length(p, Q)
         labels[i, start : start + len(t)] = ids[i, start : start + len(t)]
     hidden = lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # [B, P, D]
     predicts = labels[:, 1:] != -100  # position j predicts token j + 1
@@ -49,7 +54,12 @@ def decoder_lm_loss(
 
 
 def encoder_decoder_lm_loss(
-    model: Blip2, soft: Tensor, prompts: list[list[int]], targets: list[list[int]], *, num_tokens: Tensor | None = None
+    model: nn.Module,
+    soft: Tensor,
+    prompts: list[list[int]],
+    targets: list[list[int]],
+    *,
+    num_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """T5: queries + prompt in the encoder, targets (teacher-forced) in the decoder."""
     lm = model.language_model

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from vlbridge.models.blip2 import Blip2
 from vlbridge.objectives.itc import itc_loss, itc_similarity
 from vlbridge.objectives.itg import itg_loss
 from vlbridge.objectives.itm import itm_loss, negative_is_valid, sample_negatives
@@ -55,7 +54,7 @@ class Stage1Output:
 
 
 def stage1_losses(
-    model: Blip2,
+    model: nn.Module,
     vision_feats: Tensor,
     input_ids: Tensor,
     attention_mask: Tensor,
@@ -72,7 +71,8 @@ def stage1_losses(
     """The three stage-1 losses.
 
     Args:
-        model: a BLIP-2 model with stage-1 heads (`embed_dim` set, text input enabled).
+        model: the Q-Former bridge with its stage-1 heads (`embed_dim` set, text input enabled), or a model
+            with one (its attributes read through to the bridge).
         vision_feats: frozen encoder output [B, N, Dv] (before `ln_vision`), computed or read from a cache.
         input_ids: Q-Former text tokens [B, T] starting with [CLS], padded to the same T on every rank.
         attention_mask: [B, T].

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from vlbridge.index import ImageIndex
-    from vlbridge.models.blip2 import Blip2
+    from vlbridge.models.vlm import VisionLanguageModel
 
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 THUMBNAIL_CACHE = 512
@@ -67,7 +67,9 @@ def _static_files() -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in STATIC_FILES}
 
 
-def create_app(model: Blip2, index: ImageIndex | None = None, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(
+    model: VisionLanguageModel, index: ImageIndex | None = None, settings: ServeSettings | None = None
+) -> FastAPI:
     """Build the service for a loaded model.
 
     Args:

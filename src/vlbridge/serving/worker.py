@@ -20,12 +20,13 @@ from torch import Tensor
 from vlbridge.errors import InputError
 from vlbridge.inference import tasks
 from vlbridge.inference.generation import GenerationSettings
+from vlbridge.inference.prefix import expanded_length
 from vlbridge.serving.batching import DynamicBatcher
 from vlbridge.serving.settings import ServeSettings
 
 if TYPE_CHECKING:
     from vlbridge.index import ImageIndex, SearchHit
-    from vlbridge.models.blip2 import Blip2
+    from vlbridge.models.vlm import VisionLanguageModel
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class ModelWorker:
         settings: Batch size and wait of the batcher.
     """
 
-    def __init__(self, model: Blip2, index: ImageIndex | None, settings: ServeSettings) -> None:
+    def __init__(self, model: VisionLanguageModel, index: ImageIndex | None, settings: ServeSettings) -> None:
         self.model = model
         self.index = index
         self.settings = settings
@@ -110,7 +111,7 @@ class ModelWorker:
 
     @property
     def has_itc(self) -> bool:
-        return self.model.config.embed_dim is not None and self.model.qformer_tokenizer is not None
+        return self.model.retrieval is not None and self.model.bridge_tokenizer is not None
 
     def unique_key(self) -> Hashable:
         """A key no other job has: such jobs are never batched (searches)."""
@@ -132,11 +133,11 @@ class ModelWorker:
         prompts = [self._prompt(job, settings.max_new_tokens) for job in jobs]
         pixels = torch.cat([job.pixels for job in jobs])  # [B, 3, H, W]
         texts = tasks.generate_text(model, pixels, prompts, settings, batch_size=len(jobs))
-        queries = int(model.qformer.query_tokens.shape[1])
+        visual = model.num_visual_tokens
         out = []
         for prompt, text in zip(prompts, texts):
             completion = len(model.tokenizer(text, add_special_tokens=False).input_ids) if text else 0
-            prompt_tokens = queries + len(model.tokenizer(prompt).input_ids)
+            prompt_tokens = expanded_length(tasks._prompt_tokens(model, prompt), visual)
             finish = "length" if completion >= settings.max_new_tokens else "stop"
             out.append(Generated(text, prompt_tokens, completion, finish))
         return out

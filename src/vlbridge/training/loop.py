@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader
 from vlbridge.config import from_dict, save_yaml, to_dict
 from vlbridge.data.datasets import SkipReport
 from vlbridge.errors import ConfigError, InputError, TrainingError
+from vlbridge.inference.prefix import IMAGE, expanded_length
 from vlbridge.inference.tasks import max_positions
-from vlbridge.models.blip2 import Blip2
 from vlbridge.models.builder import build_model
+from vlbridge.models.vlm import VisionLanguageModel
 from vlbridge.objectives.stage1 import Stage1Output, stage1_losses
 from vlbridge.training import distributed as D
 from vlbridge.training.checkpoint import (
@@ -51,7 +52,7 @@ class Stage1Module(nn.Module):
     """The model plus its objective behind one `forward`, so DistributedDataParallel sees the whole step."""
 
     def __init__(
-        self, model: Blip2, dec_token_id: int, text_positives: bool = True, loss: LossConfig | None = None
+        self, model: VisionLanguageModel, dec_token_id: int, text_positives: bool = True, loss: LossConfig | None = None
     ) -> None:
         super().__init__()
         self.model = model
@@ -70,8 +71,8 @@ class Stage1Module(nn.Module):
         if labels is not None and all(label is None for label in labels):
             labels = None
         return stage1_losses(
-            self.model,
-            feats,
+            self.model.bridge,
+            self.model.select_tokens(feats),
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             ids,
@@ -99,14 +100,14 @@ def read_records(cfg: TrainConfig, sources: list[str]):
     return records
 
 
-def _transform(cfg: TrainConfig, model: Blip2):
+def _transform(cfg: TrainConfig, model: VisionLanguageModel):
     from vlbridge.data.transforms import EvalTransform, TrainTransform
 
     image_config = model.image_processor.config
     return TrainTransform(image_config, hflip=cfg.data.hflip) if cfg.data.augment else EvalTransform(image_config)
 
 
-def _feature_cache(cfg: TrainConfig, model: Blip2, images: list):
+def _feature_cache(cfg: TrainConfig, model: VisionLanguageModel, images: list):
     from vlbridge.data.feature_cache import FeatureCache
 
     build = dict(
@@ -132,7 +133,7 @@ def _feature_cache(cfg: TrainConfig, model: Blip2, images: list):
     return cache
 
 
-def stage1_data(cfg: TrainConfig, model: Blip2):
+def stage1_data(cfg: TrainConfig, model: VisionLanguageModel):
     """(dataset, collate, module) for stage 1."""
     from vlbridge.data.datasets import CaptionDataset
 
@@ -148,7 +149,7 @@ def stage1_data(cfg: TrainConfig, model: Blip2):
         dataset, key = CachedCaptionDataset(records, cache, seed=cfg.run.seed), "vision_feats"
     else:
         dataset, key = CaptionDataset(records, _transform(cfg, model), seed=cfg.run.seed), "pixel_values"
-    tokenizer = model.qformer_tokenizer
+    tokenizer = model.bridge_tokenizer
     module = Stage1Module(
         model,
         dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
@@ -158,7 +159,7 @@ def stage1_data(cfg: TrainConfig, model: Blip2):
     return dataset, TokenizingCollate(tokenizer, cfg.data.max_text_length, key), module
 
 
-def stage2_data(cfg: TrainConfig, model: Blip2):
+def stage2_data(cfg: TrainConfig, model: VisionLanguageModel):
     """(dataset, collate, module) for stage 2 / instruction tuning."""
     from vlbridge.training.stage2 import (
         PromptCollate,
@@ -225,7 +226,7 @@ def train(
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(cfg.run.device)
     model.train()
-    model.qformer.gradient_checkpointing = cfg.run.gradient_checkpointing
+    model.bridge.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
     _check_text_limits(cfg, model)
     lm_positions = max_positions(model) if cfg.stage == "stage2" else None
     dataset, collate, module = STAGES[cfg.stage](cfg, model)
@@ -340,7 +341,7 @@ def train(
             state["step"] += 1
             last = {**out.logs(), "lr": lr}
             if cfg.stage == "stage1":
-                last["temp"] = float(model.temp.detach())
+                last["temp"] = float(model.bridge.temp.detach())
             validated = validator is not None and validator.due(state["step"], total)
             if validated:  # its time is kept out of samples_per_s
                 val_started = time.perf_counter()
@@ -473,22 +474,26 @@ def config_changes(saved: dict[str, Any] | None, cfg: TrainConfig) -> dict[str, 
     }
 
 
-def _check_text_limits(cfg: TrainConfig, model: Blip2) -> None:
+def _check_text_limits(cfg: TrainConfig, model: VisionLanguageModel) -> None:
     """Stage 1 pads every caption to `data.max_text_length`: it must fit the Q-Former's text positions."""
-    n, limit = cfg.data.max_text_length, model.qformer.config.max_position_embeddings
+    n, limit = cfg.data.max_text_length, model.bridge.config.qformer.max_position_embeddings
     if cfg.stage == "stage1" and n > limit:
         raise ConfigError(f"data.max_text_length={n} exceeds the Q-Former's {limit} text positions")
 
 
-def _check_batch_fits(batch: dict[str, Any], model: Blip2, limit: int | None, max_text_length: int) -> None:
+def _check_batch_fits(
+    batch: dict[str, Any], model: VisionLanguageModel, limit: int | None, max_text_length: int
+) -> None:
     """Stage 2: refuse a batch whose soft prompt + prompt + target would run past the LLM's positions."""
     if limit is None or "prompt_ids" not in batch:
         return
-    queries = int(model.qformer.query_tokens.shape[1])
-    longest = max(len(p) + len(t) for p, t in zip(batch["prompt_ids"], batch["target_ids"]))
-    if queries + longest > limit:
+    queries = model.num_visual_tokens
+    rows = [p + t for p, t in zip(batch["prompt_ids"], batch["target_ids"])]
+    total, row = max((expanded_length(r, queries), r) for r in rows)
+    if total > limit:
+        visual = row.count(IMAGE) * queries
         raise ConfigError(
-            f"a training example is {longest} tokens (prompt + target) after {queries} query tokens, past the "
+            f"a training example is {total - visual} tokens (prompt + target) after {visual} image tokens, past the "
             f"language model's {limit} positions: lower data.max_text_length (now {max_text_length})"
         )
 

@@ -23,7 +23,7 @@ from vlbridge.data.datasets import SkippedSample, collate_skipping, read_caption
 from vlbridge.data.images import load_image
 from vlbridge.data.transforms import augmentation_seed
 from vlbridge.errors import ImageError, InputError
-from vlbridge.models.blip2 import Blip2
+from vlbridge.inference.prefix import keep_end, prompt_tokens
 from vlbridge.objectives.lm import decoder_lm_loss, encoder_decoder_lm_loss, split_prefix
 from vlbridge.training import distributed as D
 
@@ -112,9 +112,9 @@ class PromptedDataset(Dataset):
 class PromptCollate:
     """Tokenise prompts and targets for the LLM (and prompts for the Q-Former when instruction-aware)."""
 
-    def __init__(self, model: Blip2, *, max_text_length: int, feature_key: str) -> None:
+    def __init__(self, model: nn.Module, *, max_text_length: int, feature_key: str) -> None:
         self.tokenizer = model.tokenizer
-        self.qformer_tokenizer = model.qformer_tokenizer if model.config.prompts.instruct else None
+        self.qformer_tokenizer = model.bridge_tokenizer if model.bridge.instruction_aware else None
         self.style = model.config.prompts
         self.t5 = bool(model.config.language and model.config.language.get("is_encoder_decoder"))
         eos = model.language_model.generation_config.eos_token_id
@@ -139,7 +139,8 @@ class PromptCollate:
             return batch
         pairs = [self.prompt_text(it) for it in items]
         tok, n = self.tokenizer, self.max_text_length
-        batch["prompt_ids"] = [tok(p).input_ids[-4 * n :] for p, _ in pairs]  # keep the end of long histories
+        # The image's slot where the prompt conventions put it; the end of long histories kept.
+        batch["prompt_ids"] = [keep_end(prompt_tokens(tok, self.style, p), 4 * n) for p, _ in pairs]
         if self.t5:
             batch["target_ids"] = [tok(t).input_ids[:n] for _, t in pairs]
         else:
@@ -166,7 +167,7 @@ class Stage2Output:
 class Stage2Module(nn.Module):
     """The bridge and the frozen LLM behind one `forward` (for DistributedDataParallel)."""
 
-    def __init__(self, model: Blip2) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -177,13 +178,7 @@ class Stage2Module(nn.Module):
             feats = batch["vision_feats"].to(device)
         else:
             feats = model.vision(batch["pixel_values"].to(device))
-        image_embeds = model.ln_vision(feats.to(model.ln_vision.weight.dtype))
-        qids = batch.get("qformer_ids")
-        qmask = batch.get("qformer_mask")
-        query = model.query_output(
-            image_embeds, None if qids is None else qids.to(device), None if qmask is None else qmask.to(device)
-        )
-        soft = model.soft_prompt(query)  # [B, Q, D]
+        soft = model.prefix_from_features(feats, batch.get("qformer_ids"), batch.get("qformer_mask"))  # [B, Q, D]
         prompts, targets = batch["prompt_ids"], batch["target_ids"]
         local = torch.tensor(float(sum(len(t) for t in targets)), device=device)
         per_rank = D.all_reduce_mean(local)  # so that averaging over ranks is the mean over all target tokens

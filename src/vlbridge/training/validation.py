@@ -21,7 +21,7 @@ import torch
 from vlbridge.errors import ConfigError
 
 if TYPE_CHECKING:
-    from vlbridge.models.blip2 import Blip2
+    from vlbridge.models.vlm import VisionLanguageModel
     from vlbridge.training.recipe import TrainConfig
 
 __all__ = ["Validator", "make_validator"]
@@ -30,7 +30,7 @@ __all__ = ["Validator", "make_validator"]
 class Validator:
     """Validation of one run; call it with the model to get the ``val_*`` values."""
 
-    def __init__(self, cfg: TrainConfig, model: Blip2) -> None:
+    def __init__(self, cfg: TrainConfig, model: VisionLanguageModel) -> None:
         from vlbridge.data.datasets import read_caption_manifest
         from vlbridge.inference.tasks import pixel_values
 
@@ -67,7 +67,7 @@ class Validator:
         """Whether to validate after optimiser step `step` of `total`."""
         return step % self.every == 0 or step == total
 
-    def __call__(self, model: Blip2) -> dict[str, float]:
+    def __call__(self, model: VisionLanguageModel) -> dict[str, float]:
         was_training = model.training
         model.eval()
         try:
@@ -76,14 +76,20 @@ class Validator:
         finally:
             model.train(was_training)
 
-    def _itc_recall(self, model: Blip2) -> dict[str, float]:
+    def _itc_recall(self, model: VisionLanguageModel) -> dict[str, float]:
         from vlbridge.eval.retrieval import recall_at_k
-        from vlbridge.inference.retrieval import _image_features, _max_over_queries, _text_features, _tokenize
+        from vlbridge.inference.retrieval import (
+            _image_features,
+            _image_state,
+            _max_over_queries,
+            _text_features,
+            _tokenize,
+        )
 
         image_q = []
         for start in range(0, len(self.features), self.batch_size):
-            embeds = model.ln_vision(self.features[start : start + self.batch_size].to(model.device))
-            image_q.append(_image_features(model, model.qformer.image_kv(embeds)))
+            tokens = model.select_tokens(self.features[start : start + self.batch_size].to(model.device))
+            image_q.append(_image_features(model, _image_state(model, tokens)))
         texts = [r.caption for r in self.records]
         ids, mask = _tokenize(model, texts)
         text = _text_features(model, ids, mask, 4 * self.batch_size, False)
@@ -92,7 +98,7 @@ class Validator:
         metrics = recall_at_k(sim, owner, ks=(1, 5))
         return {f"val_{k}": round(metrics[k], 4) for k in ("txt_r1", "txt_r5", "img_r1", "img_r5")}
 
-    def _lm_loss(self, model: Blip2) -> dict[str, float]:
+    def _lm_loss(self, model: VisionLanguageModel) -> dict[str, float]:
         from vlbridge.training.stage2 import Stage2Module
 
         module = Stage2Module(model)
@@ -119,7 +125,7 @@ class Validator:
         return {"val_lm_loss": round(total / max(tokens, 1), 5)}
 
 
-def make_validator(cfg: TrainConfig, model: Blip2) -> Validator | None:
+def make_validator(cfg: TrainConfig, model: VisionLanguageModel) -> Validator | None:
     """A :class:`Validator` when ``run.val_every`` and ``data.val`` are set, else None."""
     if cfg.run.val_every is None:
         return None
