@@ -376,9 +376,16 @@ def tokenize_conversation(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _named(where: str, record: Mapping[str, Any]) -> str:
+    """``where`` and the record's id, if it has one: ``data.json[3] (id '000123')``."""
+    sample_id = record.get("id")
+    return f"{where} (id {sample_id!r})" if sample_id is not None else where
+
+
 def _check_record(record: Any, where: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    where = _named(where, record)
     if "conversations" not in record:
         raise InputError(f"{where}: missing required key 'conversations'")
     check_turns(record["conversations"], allow_system=True, where=where)
@@ -491,8 +498,7 @@ class ConversationDataset(Dataset):
 
     def where(self, index: int) -> str:
         """Names sample ``index`` in messages: its place in the source, and its id if it has one."""
-        sample_id = self.records[index].get("id")
-        return f"{self.source}[{index}]" + (f" (id {sample_id!r})" if sample_id is not None else "")
+        return _named(f"{self.source}[{index}]", self.records[index])
 
     def _prepare(self, record: Mapping[str, Any], where: str) -> list[dict[str, str]]:
         """The record's turns, checked against the template, with the image placeholder where it must be."""
