@@ -42,6 +42,15 @@ class ModelConfig:
     instruct: bool = False  # InstructBLIP: prompts also go into the Q-Former
     caption_prompt: str = ""  # stage 2: prompt for caption data (e.g. "a photo of")
     dtype: str = "float32"  # dtype of the frozen encoder / LLM
+    # Another bridge than the Q-Former fields above: a spec {"kind": ..., **fields}, e.g. LLaVA's
+    # {"kind": "projector", "projector_type": "mlp2x_gelu"} (`vlbridge.bridges`); None: the Q-Former.
+    bridge: dict[str, Any] | None = None
+    vision_select: str = "all"  # "patch": drop the encoder's [CLS] token (LLaVA's default)
+    freeze_qformer: bool = False  # MiniGPT-4: the (init_from) Q-Former stays frozen, only the projection trains
+    language_training: str = "frozen"  # "frozen" | "full" | "lora" (LLaVA stage 2)
+    lora: dict[str, Any] = field(default_factory=dict)  # r, alpha, dropout
+    # Weights of init_from NOT to load (name prefixes), e.g. ["bridge.language_projection"] when the LLM changes.
+    init_skip: list[str] = field(default_factory=list)
 
 
 def build_model(cfg: ModelConfig) -> VisionLanguageModel:
@@ -78,9 +87,10 @@ def _build_model(cfg: ModelConfig) -> VisionLanguageModel:
     from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
 
     saved = None
+    other_bridge = cfg.bridge is not None and cfg.bridge.get("kind", "qformer") != "qformer"
     if cfg.init_from is not None:  # the architecture the checkpoint was saved with, unless the config says otherwise
         saved = saved_architecture(cfg.init_from)
-        if saved is not None:
+        if saved is not None and not other_bridge:
             cfg = inherit_architecture(cfg, saved, cfg.init_from)
     if not cfg.vision and saved is None:
         raise ConfigError("model.vision is required: a vision model folder or hub id")
@@ -91,6 +101,52 @@ def _build_model(cfg: ModelConfig) -> VisionLanguageModel:
     else:  # the frozen encoder stored in the init_from checkpoint (config + weights)
         vision_path = Path(cfg.init_from)
         vision = FrozenVisionEncoder(build_vision_model(saved.vision).to(dtype), layer=cfg.vision_layer)
+    if other_bridge:
+        bridge, qformer, tokenizer = dict(cfg.bridge), None, None
+    else:
+        bridge, qformer, tokenizer = _qformer_parts(cfg, vision)
+    lm = lm_tokenizer = None
+    if cfg.language_model is not None:
+        lm_path = resolve(cfg.language_model)
+        lm_config = transformers.AutoConfig.from_pretrained(lm_path)
+        auto = transformers.AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else transformers.AutoModelForCausalLM
+        lm = auto.from_pretrained(lm_path, dtype=dtype)
+        lm_tokenizer = transformers.AutoTokenizer.from_pretrained(lm_path)
+    t5 = lm is not None and lm.config.is_encoder_decoder
+    config = VLMConfig(
+        bridge=bridge,
+        vision=_vision_config(vision),
+        vision_layer=cfg.vision_layer,
+        vision_select=cfg.vision_select,
+        language=None if lm is None else lm.config.to_dict(),
+        prompts=PromptStyle(
+            vqa_template="Question: {} Short answer:" if t5 else "Question: {} Answer:",
+            caption_prompt=cfg.caption_prompt,
+            # Without a placeholder, a projector's image goes first in the text (LLaVA); a Q-Former's before it all.
+            image_first="<image>\n" if other_bridge else None,
+        ),
+        language_training=cfg.language_training,
+        lora=dict(cfg.lora),
+    )
+    model = VisionLanguageModel(config=config, vision=vision, language_model=lm)
+    if qformer is not None:
+        model.bridge.qformer.load_state_dict(qformer.state_dict())
+    model.bridge_tokenizer = tokenizer
+    model.tokenizer = lm_tokenizer
+    if (vision_path / "preprocessor_config.json").exists():
+        image_config = ImageProcessorConfig.from_pretrained(vision_path)
+    else:
+        image_config = ImageProcessorConfig(image_size=(vision.image_size, vision.image_size))
+    model.image_processor = ImageProcessor(image_config)
+    if cfg.init_from is not None:
+        load_trainable(model, cfg.init_from, vision=not cfg.vision, skip=tuple(cfg.init_skip))
+    return model
+
+
+def _qformer_parts(cfg: ModelConfig, vision: FrozenVisionEncoder):
+    """(bridge spec, initial Q-Former, its tokenizer) for BLIP-2's bridge: from BERT or from scratch."""
+    import transformers
+
     position = {"image_position": cfg.image_position, "num_image_tokens": None}
     if cfg.image_position == "learned":
         position["num_image_tokens"] = _num_tokens(vision)
@@ -127,14 +183,6 @@ def _build_model(cfg: ModelConfig) -> VisionLanguageModel:
             f"tokenizer has {len(tokenizer)} tokens but the Q-Former vocabulary is {qformer.config.vocab_size}"
         )
 
-    lm = lm_tokenizer = None
-    if cfg.language_model is not None:
-        lm_path = resolve(cfg.language_model)
-        lm_config = transformers.AutoConfig.from_pretrained(lm_path)
-        auto = transformers.AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else transformers.AutoModelForCausalLM
-        lm = auto.from_pretrained(lm_path, dtype=dtype)
-        lm_tokenizer = transformers.AutoTokenizer.from_pretrained(lm_path)
-    t5 = lm is not None and lm.config.is_encoder_decoder
     bridge = {
         "kind": "qformer",
         "qformer": dataclasses.asdict(qformer.config),
@@ -144,29 +192,9 @@ def _build_model(cfg: ModelConfig) -> VisionLanguageModel:
         else 1e-5,
         "embed_dim": cfg.embed_dim,
         "instruct": cfg.instruct,
+        "freeze_qformer": cfg.freeze_qformer,
     }
-    config = VLMConfig(
-        bridge=bridge,
-        vision=_vision_config(vision),
-        vision_layer=cfg.vision_layer,
-        language=None if lm is None else lm.config.to_dict(),
-        prompts=PromptStyle(
-            vqa_template="Question: {} Short answer:" if t5 else "Question: {} Answer:",
-            caption_prompt=cfg.caption_prompt,
-        ),
-    )
-    model = VisionLanguageModel(config=config, vision=vision, language_model=lm)
-    model.bridge.qformer.load_state_dict(qformer.state_dict())
-    model.bridge_tokenizer = tokenizer
-    model.tokenizer = lm_tokenizer
-    if (vision_path / "preprocessor_config.json").exists():
-        image_config = ImageProcessorConfig.from_pretrained(vision_path)
-    else:
-        image_config = ImageProcessorConfig(image_size=(vision.image_size, vision.image_size))
-    model.image_processor = ImageProcessor(image_config)
-    if cfg.init_from is not None:
-        load_trainable(model, cfg.init_from, vision=not cfg.vision)
-    return model
+    return bridge, qformer, tokenizer
 
 
 def saved_architecture(source: str | os.PathLike) -> VLMConfig | None:
@@ -254,7 +282,9 @@ def _vision_config(vision: FrozenVisionEncoder) -> dict[str, Any]:
     return d
 
 
-def load_trainable(model: VisionLanguageModel, source: str, *, vision: bool = False) -> None:
+def load_trainable(
+    model: VisionLanguageModel, source: str, *, vision: bool = False, skip: tuple[str, ...] = ()
+) -> None:
     """Copy the bridge weights of a vlbridge checkpoint (native or training) into `model`.
 
     Every weight of the checkpoint that this model has must fit its shape; weights the model lacks (e.g. the
@@ -265,6 +295,7 @@ def load_trainable(model: VisionLanguageModel, source: str, *, vision: bool = Fa
         model: The freshly built model.
         source: A vlbridge checkpoint folder (or its `model.safetensors`).
         vision: Also load the frozen vision encoder's weights from the checkpoint (it was built from there).
+        skip: Name prefixes not to load (they keep their initialisation).
 
     Raises:
         CheckpointError: No weights file, no weight in common, or shapes that differ (each tensor named, with
@@ -278,7 +309,7 @@ def load_trainable(model: VisionLanguageModel, source: str, *, vision: bool = Fa
         raise CheckpointError(f"{source}: no model.safetensors")
     everything = load_file(str(weights))
     everything = legacy_keys(everything)
-    state = {k: v for k, v in everything.items() if not k.startswith(("vision.", "language_model."))}
+    state = {k: v for k, v in everything.items() if not k.startswith(("vision.", "language_model.", *skip))}
     own = model.state_dict()
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and own[k].shape != v.shape]  # fmt: skip

@@ -26,6 +26,7 @@ from vlbridge.bridges.base import Bridge, bridge_spec, build_bridge
 from vlbridge.encoders.vision import FrozenVisionEncoder
 from vlbridge.errors import ConfigError, InputError
 from vlbridge.inference.verbs import UserVerbs
+from vlbridge.models.language_training import MODES, LoraSettings, merge_lora, set_language_training
 
 VISION_SELECT = ("all", "patch")
 
@@ -61,10 +62,14 @@ class VLMConfig:
     vision_select: str = "all"  # "all" tokens, or "patch": drop the first ([CLS]) token (LLaVA's "default")
     language: dict[str, Any] | None = None  # transformers config dict of the LLM (None: no LLM)
     prompts: PromptStyle = field(default_factory=PromptStyle)
+    language_training: str = "frozen"  # "frozen" | "full" | "lora" (`models.language_training`)
+    lora: dict[str, Any] = field(default_factory=dict)  # LoraSettings fields, for "lora"
 
     def __post_init__(self) -> None:
         if self.vision_select not in VISION_SELECT:
             raise ConfigError(f"vision_select must be one of {VISION_SELECT}, got {self.vision_select!r}")
+        if self.language_training not in MODES:
+            raise ConfigError(f"language_training must be one of {MODES}, got {self.language_training!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,8 +118,9 @@ class VisionLanguageModel(UserVerbs, nn.Module):
         config.bridge = bridge_spec(bridge.kind, bridge.config)
         self.language_model = language_model
         if language_model is not None:
-            language_model.requires_grad_(False)
-            language_model.eval()
+            set_language_training(language_model, config.language_training, LoraSettings(**config.lora))
+        elif config.language_training != "frozen":
+            raise ConfigError(f"language_training={config.language_training!r} needs a language model")
         # The processors, set by the loader: the LLM's tokenizer, the bridge's own (BERT's, for a Q-Former that
         # reads text), and the image preprocessing.
         self.tokenizer = None
@@ -150,6 +156,13 @@ class VisionLanguageModel(UserVerbs, nn.Module):
         lm = self.language_model
         if lm is not None and not any(p.requires_grad for p in lm.parameters()):
             lm.eval()  # frozen: never dropout
+        return self
+
+    def merge_lora(self) -> VisionLanguageModel:
+        """Fold the LM's LoRA adapters into its weights: a plain (frozen) LM, savable in any format."""
+        merge_lora(self.language_model)
+        set_language_training(self.language_model, "frozen")
+        self.config.language_training, self.config.lora = "frozen", {}
         return self
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:

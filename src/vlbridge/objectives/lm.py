@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlbridge.inference.prefix import expanded_length
+from vlbridge.inference.prefix import IMAGE, expanded_length
 from vlbridge.inference.tasks import assemble_prefix
 
 
@@ -45,6 +45,40 @@ def decoder_lm_loss(
     for i, (p, t) in enumerate(zip(prompts, targets)):
         start = expanded_length(p, Q)
         labels[i, start : start + len(t)] = ids[i, start : start + len(t)]
+    return _shifted_loss(lm, embeds, mask, labels, num_tokens)
+
+
+def labelled_lm_loss(
+    model: nn.Module,
+    soft: Tensor,
+    token_lists: list[list[int]],
+    label_lists: list[list[int]],
+    *,
+    num_tokens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The LM loss of rows tokenised with their labels (conversations: -100 but on the assistant's turns); each
+    IMAGE slot holds one image's prefix (its labels -100). Returns (loss, token count) as `decoder_lm_loss`."""
+    lm = model.language_model
+    embeds, mask, _, ids = assemble_prefix(model, soft, token_lists, left=False)
+    Q = soft.shape[1]
+    labels = torch.full_like(ids, -100)
+    for i, (toks, labs) in enumerate(zip(token_lists, label_lists)):
+        if len(toks) != len(labs):
+            raise ValueError(f"row {i}: {len(toks)} tokens but {len(labs)} labels")
+        pos = 0
+        for t, label in zip(toks, labs):
+            if t == IMAGE:
+                pos += Q
+                continue
+            labels[i, pos] = label
+            pos += 1
+    return _shifted_loss(lm, embeds, mask, labels, num_tokens)
+
+
+def _shifted_loss(
+    lm: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor, num_tokens: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy on the labelled positions (logits only there) / `num_tokens`."""
     hidden = lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # [B, P, D]
     predicts = labels[:, 1:] != -100  # position j predicts token j + 1
     logits = lm.get_output_embeddings()(hidden[:, :-1][predicts]).float()  # [n_targets, V]

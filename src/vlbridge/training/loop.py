@@ -187,7 +187,41 @@ def stage2_data(cfg: TrainConfig, model: VisionLanguageModel):
     return dataset, PromptCollate(model, max_text_length=cfg.data.max_text_length, feature_key=key), Stage2Module(model)
 
 
-STAGES = {"stage1": stage1_data, "stage2": stage2_data}
+def conversation_data(cfg: TrainConfig, model: VisionLanguageModel):
+    """(dataset, collate, module) for visual instruction tuning on LLaVA conversation files."""
+    from vlbridge.data.conversation import ConversationDataset
+    from vlbridge.training.conversation import ConversationImages, ConversationModule, collate_conversations
+
+    if model.language_model is None or model.language_model.config.is_encoder_decoder:
+        raise ConfigError("stage conversation needs a causal model.language_model")
+    if not cfg.data.conversations:
+        raise ConfigError("stage conversation needs data.conversations: LLaVA conversation files (.json / .jsonl)")
+    if cfg.data.feature_cache is not None:
+        raise ConfigError("stage conversation reads images itself: data.feature_cache is not supported there yet")
+    limit = max_positions(model) or 2048
+    parts = []
+    for path in cfg.data.conversations:
+        conversations = ConversationDataset(
+            path,
+            model.tokenizer,
+            template=cfg.data.template,
+            image_folder=cfg.data.image_folder,
+            max_length=limit,
+            image_token=model.config.prompts.image_token,
+            image_tokens=model.num_visual_tokens,
+        )
+        parts.append(ConversationImages(conversations, _transform(cfg, model), seed=cfg.run.seed))
+    dataset = parts[0] if len(parts) == 1 else _Concat(parts)
+    return dataset, collate_conversations, ConversationModule(model)
+
+
+class _Concat(torch.utils.data.ConcatDataset):
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
+
+
+STAGES = {"stage1": stage1_data, "stage2": stage2_data, "conversation": conversation_data}
 
 
 def train(
@@ -476,8 +510,10 @@ def config_changes(saved: dict[str, Any] | None, cfg: TrainConfig) -> dict[str, 
 
 def _check_text_limits(cfg: TrainConfig, model: VisionLanguageModel) -> None:
     """Stage 1 pads every caption to `data.max_text_length`: it must fit the Q-Former's text positions."""
+    if cfg.stage != "stage1":
+        return
     n, limit = cfg.data.max_text_length, model.bridge.config.qformer.max_position_embeddings
-    if cfg.stage == "stage1" and n > limit:
+    if n > limit:
         raise ConfigError(f"data.max_text_length={n} exceeds the Q-Former's {limit} text positions")
 
 

@@ -17,15 +17,24 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    decay, plain = [], []
+    """AdamW over the trainable parameters; with `bridge_lr`, the bridge's parameters get their own learning rate
+    (LLaVA's projector lr next to the LLM's), following the same schedule (`lr_scale` = bridge_lr / lr)."""
+    scale = 1.0 if cfg.bridge_lr is None else cfg.bridge_lr / cfg.lr
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (plain if no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        own = scale if name.startswith("bridge.") else 1.0
+        groups.setdefault((no_decay(name, p), own), []).append(p)
+    if not groups.keys() - {(True, 1.0), (False, 1.0)}:  # the usual two groups, in the usual order
+        groups = {(False, 1.0): groups.get((False, 1.0), []), (True, 1.0): groups.get((True, 1.0), [])}
+    params = [
+        {"params": ps, "weight_decay": 0.0 if plain else cfg.weight_decay, "lr_scale": s}
+        for (plain, s), ps in groups.items()
+    ]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
@@ -38,4 +47,4 @@ def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

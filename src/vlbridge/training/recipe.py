@@ -13,6 +13,10 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # caption data: JSONL manifests or COCO Karpathy JSON
     vqa: list[str] = field(default_factory=list)  # stage 2: VQA manifests {"image", "question", "answers"}
     chat: list[str] = field(default_factory=list)  # stage 2: {"image", "turns": [[question, answer], ...]}
+    # stage "conversation": LLaVA conversation files (.json list or .jsonl) {"image", "conversations": [...]}
+    conversations: list[str] = field(default_factory=list)
+    template: str = "vicuna_v1"  # "plain" (LLaVA stage 1) | "vicuna_v1" | "chat_template" (the tokenizer's own)
+    image_folder: str | None = None  # conversation image paths are relative to it (default: the file's folder)
     format: Literal["jsonl", "coco"] = "jsonl"
     image_root: str | None = None  # COCO: folder the image paths are relative to
     coco_split: str = "train"
@@ -40,6 +44,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
+    bridge_lr: float | None = None  # the bridge's own peak learning rate when the LLM trains too; None: lr
     min_lr: float = 1e-5
     warmup_steps: int | Literal["auto"] = "auto"  # "auto": 5% of the run's steps, at most 2000
     weight_decay: float = 0.05
@@ -77,7 +82,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["stage1", "stage2"] = "stage1"
+    stage: Literal["stage1", "stage2", "conversation"] = "stage1"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -15,7 +15,11 @@ from typing import Any
 
 Saver = Callable[..., Path]
 SAVERS: dict[tuple[str, str | None], Saver] = {}
-_BUILTIN = {"native": ("vlbridge.interop.native",), "hf": ("vlbridge.interop.hf", "vlbridge.interop.llava")}
+_BUILTIN = {
+    "native": ("vlbridge.interop.native",),
+    "hf": ("vlbridge.interop.hf", "vlbridge.interop.llava"),
+    "adapter": ("vlbridge.models.language_training",),
+}
 
 
 def register_saver(name: str, *, kind: str | None = None) -> Callable[[Saver], Saver]:
@@ -33,6 +37,11 @@ def save(model: Any, directory, format: str = "native", **options) -> Path:
     for module in _BUILTIN.get(format, ()):
         importlib.import_module(module)
     kind = model.bridge.kind
+    if format not in ("native", "adapter") and model.config.language_training == "lora":
+        raise ValueError(
+            f"format {format!r} holds no LoRA adapters: call model.merge_lora() first, "
+            "or save with format='native' or 'adapter'"
+        )
     writer = SAVERS.get((format, kind)) or SAVERS.get((format, None))
     if writer is None:
         known = sorted({name for name, _ in SAVERS} | set(_BUILTIN))
