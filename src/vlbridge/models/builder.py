@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from vlbridge.bridges.qformer import QFormer, QFormerConfig, qformer_from_bert, qformer_tokenizer
+from vlbridge.bridges.base import bridge_config
+from vlbridge.bridges.qformer_init import initial_qformer
 from vlbridge.encoders.vision import FrozenVisionEncoder, build_vision_model, load_vision_model
 from vlbridge.errors import CheckpointError, ConfigError
 from vlbridge.models.vlm import PromptStyle, VisionLanguageModel, VLMConfig
@@ -104,7 +105,7 @@ def _build_model(cfg: ModelConfig) -> VisionLanguageModel:
     if other_bridge:
         bridge, qformer, tokenizer = dict(cfg.bridge), None, None
     else:
-        bridge, qformer, tokenizer = _qformer_parts(cfg, vision)
+        bridge, qformer, tokenizer = initial_qformer(cfg, vision)
     lm = lm_tokenizer = None
     if cfg.language_model is not None:
         lm_path = resolve(cfg.language_model)
@@ -143,60 +144,6 @@ def _build_model(cfg: ModelConfig) -> VisionLanguageModel:
     return model
 
 
-def _qformer_parts(cfg: ModelConfig, vision: FrozenVisionEncoder):
-    """(bridge spec, initial Q-Former, its tokenizer) for BLIP-2's bridge: from BERT or from scratch."""
-    import transformers
-
-    position = {"image_position": cfg.image_position, "num_image_tokens": None}
-    if cfg.image_position == "learned":
-        position["num_image_tokens"] = _num_tokens(vision)
-
-    if cfg.qformer_init is not None:
-        bert_path = resolve(cfg.qformer_init)
-        bert = transformers.BertModel.from_pretrained(bert_path, add_pooling_layer=False)
-        qformer = qformer_from_bert(
-            bert,
-            num_query_tokens=cfg.num_query_tokens,
-            cross_attention_frequency=cfg.cross_attention_frequency,
-            encoder_hidden_size=vision.width,
-            **position,
-        )
-        tokenizer_source = cfg.tokenizer or bert_path
-    else:
-        if cfg.tokenizer is None:
-            raise ConfigError("model.tokenizer is required when model.qformer_init is not given")
-        tokenizer_source = resolve(cfg.tokenizer)
-        qformer = None
-    tokenizer = qformer_tokenizer(transformers.AutoTokenizer.from_pretrained(tokenizer_source))
-    if qformer is None:
-        fields = {"vocab_size": len(tokenizer), **cfg.qformer}
-        qcfg = QFormerConfig(
-            num_query_tokens=cfg.num_query_tokens,
-            cross_attention_frequency=cfg.cross_attention_frequency,
-            encoder_hidden_size=vision.width,
-            **position,
-            **fields,
-        )
-        qformer = QFormer(config=qcfg)
-    if len(tokenizer) > qformer.config.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {len(tokenizer)} tokens but the Q-Former vocabulary is {qformer.config.vocab_size}"
-        )
-
-    bridge = {
-        "kind": "qformer",
-        "qformer": dataclasses.asdict(qformer.config),
-        # BLIP-2's own EVA ViT keeps ln_vision as its post_layernorm (same eps); other encoders get nn.LayerNorm's.
-        "vision_norm_eps": getattr(vision.model.config, "layer_norm_eps", 1e-5)
-        if vision.family.replaced_norm
-        else 1e-5,
-        "embed_dim": cfg.embed_dim,
-        "instruct": cfg.instruct,
-        "freeze_qformer": cfg.freeze_qformer,
-    }
-    return bridge, qformer, tokenizer
-
-
 def saved_architecture(source: str | os.PathLike) -> VLMConfig | None:
     """The model config a vlbridge checkpoint folder was saved with (its `vlbridge.json`), or None without one."""
     file = Path(source) / "vlbridge.json"
@@ -231,7 +178,7 @@ def inherit_architecture(cfg: ModelConfig, saved: VLMConfig, source: str | os.Pa
         raise ConfigError(
             f"model.init_from={source} has a {saved.bridge.get('kind')!r} bridge; this builder makes a Q-Former"
         )
-    q = QFormerConfig(**saved.bridge["qformer"])
+    q = bridge_config(saved.bridge)[1].qformer
     changes: dict[str, Any] = {}
     conflicts = []
 
@@ -266,14 +213,6 @@ def inherit_architecture(cfg: ModelConfig, saved: VLMConfig, source: str | os.Pa
     elif cfg.tokenizer is None and cfg.qformer_init is not None:
         changes["tokenizer"] = cfg.qformer_init
     return dataclasses.replace(cfg, **changes)
-
-
-def _num_tokens(vision: FrozenVisionEncoder) -> int:
-    """N, the number of image tokens the encoder returns (one blank image through it)."""
-    param = next(vision.model.parameters())
-    with torch.no_grad():
-        blank = torch.zeros(1, 3, vision.image_size, vision.image_size, dtype=param.dtype, device=param.device)
-        return int(vision(blank).shape[1])
 
 
 def _vision_config(vision: FrozenVisionEncoder) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,24 @@ def _feature_cache(cfg: TrainConfig, model: VisionLanguageModel, images: list):
     return cache
 
 
-def stage1_data(cfg: TrainConfig, model: VisionLanguageModel):
+@dataclass
+class Task:
+    """What the loop trains, chosen by `stage`: its data, how batches are made, the module whose `forward(batch,
+    generator)` returns an output with `loss` and `logs()` (named `*_loss` terms), and optional hooks."""
+
+    dataset: Any
+    collate: Callable[[list[Any]], dict[str, Any]]
+    module: nn.Module
+    after_step: Callable[[], dict[str, float]] | None = None  # after each optimiser step: values for the log
+    check_batch: Callable[[dict[str, Any]], None] | None = None  # refuse a batch before its forward pass
+    uses_every_parameter: bool = False  # every trainable parameter gets a gradient each step (DDP needs to know)
+
+    def __iter__(self):
+        """`dataset, collate, module = task`."""
+        return iter((self.dataset, self.collate, self.module))
+
+
+def stage1_data(cfg: TrainConfig, model: VisionLanguageModel) -> Task:
     """(dataset, collate, module) for stage 1."""
     from vlbridge.data.datasets import CaptionDataset
 
@@ -156,10 +174,17 @@ def stage1_data(cfg: TrainConfig, model: VisionLanguageModel):
         text_positives=cfg.data.text_positives,
         loss=cfg.loss,
     )
-    return dataset, TokenizingCollate(tokenizer, cfg.data.max_text_length, key), module
+    _check_text_limits(cfg, model)
+    return Task(
+        dataset,
+        TokenizingCollate(tokenizer, cfg.data.max_text_length, key),
+        module,
+        after_step=lambda: {"temp": float(model.bridge.temp.detach())},
+        uses_every_parameter=True,
+    )
 
 
-def stage2_data(cfg: TrainConfig, model: VisionLanguageModel):
+def stage2_data(cfg: TrainConfig, model: VisionLanguageModel) -> Task:
     """(dataset, collate, module) for stage 2 / instruction tuning."""
     from vlbridge.training.stage2 import (
         PromptCollate,
@@ -184,10 +209,16 @@ def stage2_data(cfg: TrainConfig, model: VisionLanguageModel):
         dataset, key = PromptedDataset(records, cache=cache, seed=cfg.run.seed), "vision_feats"
     else:
         dataset, key = PromptedDataset(records, transform=_transform(cfg, model), seed=cfg.run.seed), "pixel_values"
-    return dataset, PromptCollate(model, max_text_length=cfg.data.max_text_length, feature_key=key), Stage2Module(model)
+    limit = max_positions(model)
+    return Task(
+        dataset,
+        PromptCollate(model, max_text_length=cfg.data.max_text_length, feature_key=key),
+        Stage2Module(model),
+        check_batch=lambda batch: _check_batch_fits(batch, model, limit, cfg.data.max_text_length),
+    )
 
 
-def conversation_data(cfg: TrainConfig, model: VisionLanguageModel):
+def conversation_data(cfg: TrainConfig, model: VisionLanguageModel) -> Task:
     """(dataset, collate, module) for visual instruction tuning on LLaVA conversation files."""
     from vlbridge.data.conversation import ConversationDataset
     from vlbridge.training.conversation import ConversationImages, ConversationModule, collate_conversations
@@ -212,7 +243,7 @@ def conversation_data(cfg: TrainConfig, model: VisionLanguageModel):
         )
         parts.append(ConversationImages(conversations, _transform(cfg, model), seed=cfg.run.seed))
     dataset = parts[0] if len(parts) == 1 else _Concat(parts)
-    return dataset, collate_conversations, ConversationModule(model)
+    return Task(dataset, collate_conversations, ConversationModule(model))
 
 
 class _Concat(torch.utils.data.ConcatDataset):
@@ -261,9 +292,8 @@ def train(
     model = build_model(cfg.model).to(cfg.run.device)
     model.train()
     model.bridge.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
-    _check_text_limits(cfg, model)
-    lm_positions = max_positions(model) if cfg.stage == "stage2" else None
-    dataset, collate, module = STAGES[cfg.stage](cfg, model)
+    task = STAGES[cfg.stage](cfg, model)
+    dataset, collate, module = task.dataset, task.collate, task.module
     validator = make_validator(cfg, model)  # run.val_every: cheap held-out metrics in log.csv (None: off)
     B, accumulate = cfg.data.batch_size, cfg.optim.accumulate
     sampler = EpochSampler(len(dataset), batch_size=B, seed=cfg.run.seed, rank=rank, world=world)
@@ -276,7 +306,7 @@ def train(
 
     step_module = module
     if world > 1:  # stage 2 leaves the Q-Former's text side unused unless instruction-aware
-        step_module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=cfg.stage != "stage1")
+        step_module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=not task.uses_every_parameter)
     optimizer = make_optimizer(model, cfg.optim)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0}
     bad_total, elapsed_before = 0, 0.0
@@ -331,7 +361,8 @@ def train(
             state["batch"] += 1
             if batch["batch_size"] == 0:
                 continue
-            _check_batch_fits(batch, model, lm_positions, cfg.data.max_text_length)
+            if task.check_batch is not None:
+                task.check_batch(batch)
             # Negatives: a generator keyed by (seed, step, micro-batch), identical on every rank and after a resume.
             generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + state["step"] * 131 + micro)
             sync = micro + 1 == accumulate
@@ -374,8 +405,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             last = {**out.logs(), "lr": lr}
-            if cfg.stage == "stage1":
-                last["temp"] = float(model.bridge.temp.detach())
+            if task.after_step is not None:
+                last.update(task.after_step())
             validated = validator is not None and validator.due(state["step"], total)
             if validated:  # its time is kept out of samples_per_s
                 val_started = time.perf_counter()
