@@ -59,7 +59,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -74,7 +73,7 @@ from vlbridge.data.datasets import CaptionRecord, SkippedSample, SkipReport
 from vlbridge.data.images import ImageProcessorConfig, load_image
 from vlbridge.data.transforms import EvalTransform, TrainTransform, augmentation_seed
 from vlbridge.errors import ImageError, InputError
-from vlbridge.utils.io import fast_checksum, file_digest, verify_digests
+from vlbridge.utils.io import fast_checksum, file_digest, replace_dir, verify_digests
 
 __all__ = [
     "CachedCaptionDataset",
@@ -486,20 +485,6 @@ def _tables_digest(images: Mapping[str, Any], missing: Mapping[str, Any], shards
     return hashlib.sha256(json.dumps([images, missing, shards], sort_keys=True).encode()).hexdigest()
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``final``, replacing an existing one (rename is atomic on one disk)."""
-    try:
-        os.rename(tmp, final)
-        return
-    except OSError:
-        if not final.exists():
-            raise
-    old = final.with_name(f".old-{final.name[:16]}-{uuid.uuid4().hex[:8]}")
-    os.rename(final, old)  # readers that already opened its shards keep them (POSIX) until they close
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _build(
     encoder: nn.Module,
     paths: list[str],
@@ -582,7 +567,7 @@ def _build(
             },
         )
         final = directory / key
-        _install(tmp, final)
+        replace_dir(tmp, final)  # readers that already opened the old shards keep them (POSIX) until they close
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

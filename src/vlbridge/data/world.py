@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import re
 import string
@@ -47,6 +46,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from vlbridge.errors import ConfigError
+from vlbridge.utils.io import write_bytes
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The world's vocabulary of facts
@@ -615,12 +615,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _is_complete(out_dir: Path, config: WorldConfig) -> bool:
     """Whether ``out_dir`` holds a finished world for exactly this config, with its manifests unchanged."""
     try:
@@ -722,7 +716,7 @@ def generate_world(out_dir: str | Path, config: WorldConfig | None = None, *, pr
             bar.update()
         for key, lines in ((split, captions_lines), (f"vqa_{split}", vqa_lines)):
             data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-            _write_atomic(paths[key], data)
+            write_bytes(paths[key], data)
             content.update(data)
     bar.close()
 
@@ -734,5 +728,5 @@ def generate_world(out_dir: str | Path, config: WorldConfig | None = None, *, pr
         "manifest_sha256": {path.name: _sha256(path) for path in paths.values()},
         "content_sha256": content.hexdigest(),
     }
-    _write_atomic(out_dir / "world.json", (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes(out_dir / "world.json", (json.dumps(meta, indent=2) + "\n").encode())
     return paths

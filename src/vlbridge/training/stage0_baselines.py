@@ -16,12 +16,8 @@ from typing import Any
 import torch
 
 from vlbridge.errors import InputError
-from vlbridge.training.stage0_text import (
-    VQA_PROMPT,
-    _question_scene,
-    _read_jsonl,
-    scene_text,
-)
+from vlbridge.training.stage0_text import VQA_PROMPT, _question_scene, scene_text
+from vlbridge.utils.io import read_jsonl
 from vlbridge.utils.threads import torch_threads
 
 __all__ = ["blind_baseline", "scene_oracle"]
@@ -162,8 +158,8 @@ def _lm_answers(
     from vlbridge.eval.vqa import evaluate_vqa
 
     start = time.perf_counter()
-    questions = _read_jsonl(Path(vqa_manifest))[:limit]
-    by_image = {r.get("image_id", r.get("image")): r for r in _read_jsonl(Path(captions_manifest))}
+    questions = read_jsonl(Path(vqa_manifest))[:limit]
+    by_image = {r.get("image_id", r.get("image")): r for r in read_jsonl(Path(captions_manifest))}
     caption_records = list(by_image.values())[:limit]
     if not questions:
         raise InputError(f"{vqa_manifest} holds no questions")

@@ -47,9 +47,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import string
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from vlbridge.errors import ConfigError, InputError
+from vlbridge.utils.io import atomic_dir, read_jsonl, write_text
 from vlbridge.utils.threads import torch_threads
 
 __all__ = [
@@ -220,16 +219,6 @@ class Stage0TextConfig:
 # World text
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    except OSError as error:
-        raise InputError(f"cannot read manifest {path}: {error}") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path} is not valid JSONL: {error}") from None
-
-
 def _caption_texts(records: Sequence[dict[str, Any]]) -> list[str]:
     """Every caption of a manifest: the ``captions`` list where present (eval splits), else ``caption``."""
     texts: list[str] = []
@@ -260,8 +249,8 @@ def load_world_texts(world_dir: str | os.PathLike, split: str = "train") -> dict
     """
     world_dir = Path(world_dir)
     return {
-        "captions": _caption_texts(_read_jsonl(world_dir / f"captions_{split}.jsonl")),
-        "vqa": _vqa_texts(_read_jsonl(world_dir / f"vqa_{split}.jsonl")),
+        "captions": _caption_texts(read_jsonl(world_dir / f"captions_{split}.jsonl")),
+        "vqa": _vqa_texts(read_jsonl(world_dir / f"vqa_{split}.jsonl")),
     }
 
 
@@ -288,9 +277,9 @@ def load_scene_texts(world_dir: str | os.PathLike, split: str = "train") -> dict
         ``{"captions": [(scene, caption), ...], "vqa": [(scene, "Question: ... Answer: ..."), ...]}``.
     """
     world_dir = Path(world_dir)
-    captions = _read_jsonl(world_dir / f"captions_{split}.jsonl")
+    captions = read_jsonl(world_dir / f"captions_{split}.jsonl")
     scenes = {r["image_id"]: scene_text(r["objects"]) for r in captions}
-    questions = [r for r in _read_jsonl(world_dir / f"vqa_{split}.jsonl") if r.get("image_id") in scenes]
+    questions = [r for r in read_jsonl(world_dir / f"vqa_{split}.jsonl") if r.get("image_id") in scenes]
     return {
         "captions": [(scenes[r["image_id"]], text) for r in captions for text in _caption_texts([r])],
         "vqa": [(_question_scene(r, scenes), text) for r, text in zip(questions, _vqa_texts(questions))],
@@ -760,7 +749,12 @@ def train_language_model(
 
     model.eval()
     lm_dir = out_dir / _LM_NAME
-    _save_atomically(lm_dir, lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    atomic_dir(lm_dir, save)  # a crash never leaves half a model
     result = {
         "format_version": _FORMAT_VERSION,
         "config": _config_dict(config),
@@ -790,7 +784,7 @@ def train_language_model(
             "total": time.perf_counter() - start,
         },
     }
-    _write_json_atomically(out_dir / _RESULT_NAME, result)
+    write_text(out_dir / _RESULT_NAME, json.dumps(result, indent=2) + "\n")
     return {**result, "cached": False}
 
 
@@ -802,28 +796,3 @@ def _mean_nll(*parts: tuple[float, int]) -> float | None:
 def _perplexity(*parts: tuple[float, int]) -> float | None:
     nll = _mean_nll(*parts)
     return math.exp(nll) if nll is not None else None
-
-
-def _save_atomically(folder: Path, write: Callable[[Path], object]) -> None:
-    """Write a folder beside ``folder`` and swap it in, so a crash never leaves half a model."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
