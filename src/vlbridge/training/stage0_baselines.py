@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from vlbridge.errors import InputError
-from vlbridge.training.stage0_text import VQA_PROMPT, _question_scene, scene_text
+from vlbridge.training.stage0_text.corpus import VQA_PROMPT, question_scene, scene_text
 from vlbridge.utils.io import read_jsonl
 from vlbridge.utils.threads import torch_threads
 
@@ -179,7 +179,7 @@ def _lm_answers(
             raise InputError(f"scene_oracle needs every image's objects in {captions_manifest}")
         scenes = {key: scene_text(r["objects"]) for key, r in records.items()}
         question_prefixes = [
-            tokenizer(_question_scene(r, scenes), add_special_tokens=False)["input_ids"] for r in questions
+            tokenizer(question_scene(r, scenes), add_special_tokens=False)["input_ids"] for r in questions
         ]
         caption_prefixes = [
             tokenizer(scene_text(r["objects"]), add_special_tokens=False)["input_ids"] for r in caption_records
