@@ -46,34 +46,48 @@ and may be deleted at any time. Under ``torch.distributed``, build on one rank, 
 (:meth:`FeatureCache.skip_report`), logged, and :class:`CachedCaptionDataset` returns a
 :class:`~vlbridge.data.datasets.SkippedSample` for its captions, which :func:`~vlbridge.data.datasets.collate_skipping`
 drops and reports.
+
+**Modules.** This one reads (:class:`FeatureCache`, :class:`CachedCaptionDataset`);
+:mod:`vlbridge.data.feature_cache_keys` says what a cache is keyed on (paths, views, seeds, the encoder's
+fingerprint) and :mod:`vlbridge.data.feature_cache_build` builds one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from vlbridge.data.datasets import CaptionRecord, SkippedSample, SkipReport
-from vlbridge.data.images import ImageProcessorConfig, load_image
-from vlbridge.data.transforms import EvalTransform, TrainTransform, augmentation_seed
-from vlbridge.errors import ImageError, InputError
-from vlbridge.utils.io import fast_checksum, file_digest, replace_dir, verify_digests
+from vlbridge.data.feature_cache_build import _build, _ShardWriter, _tables_digest  # noqa: F401 (_ShardWriter: tests)
+from vlbridge.data.feature_cache_keys import (
+    _BY_NAME,
+    DEFAULT_SHARD_BYTES,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    _digest,
+    _key_material,
+    _Spec,
+    _unique_paths,
+    canonical_path,
+    encoder_fingerprint,
+    feature_cache_key,
+    view_pixels,
+    view_seed,
+)
+from vlbridge.data.images import ImageProcessorConfig
+from vlbridge.data.transforms import augmentation_seed
+from vlbridge.errors import InputError
+from vlbridge.utils.io import verify_digests
 
 __all__ = [
     "CachedCaptionDataset",
@@ -86,497 +100,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "vlbridge-feature-cache"
-FORMAT_VERSION = 2  # 2: per-shard checksums and a checksum of the image table
-# Bump when the way pixels are produced from files changes (transforms, seeding) so old caches are not reused.
-PIPELINE_VERSION = 1
-INDEX_FILE = "index.json"
-DEFAULT_SHARD_BYTES = 256 * 2**20
-
-_STORAGE: dict[torch.dtype, tuple[str, str]] = {  # torch dtype -> (name in the index, numpy storage dtype)
-    torch.float16: ("float16", "<f2"),
-    torch.bfloat16: ("bfloat16", "<u2"),  # numpy has no bfloat16: its bits, viewed back by torch
-    torch.float32: ("float32", "<f4"),
-}
-_BY_NAME = {name: (dtype, np.dtype(storage)) for dtype, (name, storage) in _STORAGE.items()}
-
-# Model-config entries that never change the features (bookkeeping, or set per call by the encoder wrapper).
-_CONFIG_IGNORED = {
-    "transformers_version",
-    "_name_or_path",
-    "name_or_path",
-    "_commit_hash",
-    "architectures",
-    "torch_dtype",
-    "dtype",
-    "output_hidden_states",
-    "output_attentions",
-    "return_dict",
-    "use_return_dict",
-}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Paths, seeds and views
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def canonical_path(path: str | os.PathLike) -> str:
-    """The string that identifies an image in a cache (and seeds its views): absolute, normalised, ``/``-separated.
-
-    Args:
-        path: An image path (relative paths are resolved against the current directory; symlinks are kept).
-
-    Returns:
-        ``Path(os.path.abspath(path)).as_posix()``.
-    """
-    return Path(os.path.abspath(os.fspath(path))).as_posix()
-
-
-def view_seed(seed: int, view: int, path: str | os.PathLike) -> int:
-    """Seed of the generator that produces augmented view ``view`` of image ``path``.
-
-    Args:
-        seed: The cache's base seed.
-        view: View number, ``0 <= view < views``.
-        path: The image path (canonicalised with :func:`canonical_path`).
-
-    Returns:
-        ``augmentation_seed(seed, "view", view, canonical_path(path))``.
-    """
-    return augmentation_seed(seed, "view", view, canonical_path(path))
-
-
-def _make_transform(
-    config: ImageProcessorConfig, train_augment: bool, train_transform_kwargs: Mapping[str, Any] | None
-) -> EvalTransform | TrainTransform:
-    if train_augment:
-        return TrainTransform(config, **dict(train_transform_kwargs or {}))
-    return EvalTransform(config)
-
-
-def view_pixels(
-    path: str | os.PathLike,
-    view: int = 0,
-    *,
-    transform_config: ImageProcessorConfig,
-    train_augment: bool = False,
-    seed: int = 0,
-    train_transform_kwargs: Mapping[str, Any] | None = None,
-) -> Tensor:
-    """The ``[3, H, W]`` pixels a cache built with these settings stores (encoded) as view ``view`` of ``path``.
-
-    Args:
-        path: The image file.
-        view: View number (must be 0 without augmentation).
-        transform_config: Preprocessing settings.
-        train_augment: Whether views are ``TrainTransform`` augmentations (else the eval transform).
-        seed: Base seed of the augmentations.
-        train_transform_kwargs: Keyword arguments of ``TrainTransform`` (``scale``, ``ratio``, ``hflip``).
-
-    Returns:
-        Float32 pixels.
-
-    Raises:
-        ImageError: The image cannot be read.
-    """
-    transform = _make_transform(transform_config, train_augment, train_transform_kwargs)
-    return _ViewImages._pixels_of(load_image(path), canonical_path(path), [view], transform, train_augment, seed)[0]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Keys
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def encoder_fingerprint(encoder: nn.Module, *, mode: Literal["fast", "sha256"] = "fast") -> str:
-    """A hex digest of an encoder's state (every tensor of its ``state_dict``: parameters and buffers).
-
-    For every tensor, in ``state_dict`` order, its name, dtype and shape are hashed, then its contents:
-
-    - ``"fast"`` (default): the first and last 4096 bytes, plus wrapping-sum checksums over *all* its bytes (64
-      column sums and a position-weighted row sum of its 8-byte words, see :func:`vlbridge.utils.io.fast_checksum`).
-      Every byte is read,
-      so any changed weight, and any reordering of weights, changes the digest (barring mod-2**64 coincidences:
-      this guards against stale caches, not adversaries), at ~4 GB/s on one core: ~0.1 s for a ViT-B/16
-      (344 MB fp32, measured), ~0.5 s for a 2 GB ViT-g.
-    - ``"sha256"``: a cryptographic hash of all the bytes; ~1 GB/s (measured 1.1 GB/s), paid on every
-      :meth:`FeatureCache.get_or_build`.
-
-    Layers a :class:`~vlbridge.encoders.vision.FrozenVisionEncoder` dropped are not in its ``state_dict`` and so do
-    not count. Tensors on an accelerator are copied to the CPU one at a time.
-
-    Args:
-        encoder: The module.
-        mode: ``"fast"`` or ``"sha256"``.
-
-    Returns:
-        A 64-character hex string.
-    """
-    if mode not in ("fast", "sha256"):
-        raise InputError(f"fingerprint mode must be 'fast' or 'sha256', got {mode!r}")
-    h = hashlib.sha256(f"{mode}\0".encode())
-    for name, tensor in encoder.state_dict().items():
-        t = tensor.detach()
-        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        raw = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        if mode == "sha256":
-            h.update(memoryview(raw))
-        else:
-            h.update(raw[:4096].tobytes())
-            h.update(raw[-4096:].tobytes())
-            h.update(fast_checksum(raw))
-    return h.hexdigest()
-
-
-def _encoder_description(encoder: nn.Module) -> dict[str, Any]:
-    """What besides its tensors decides the encoder's output: class, layer choice and model config."""
-    cls = type(encoder)
-    desc: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
-    for attr in ("layer", "index"):  # FrozenVisionEncoder: requested and resolved hidden-state index
-        value = getattr(encoder, attr, None)
-        if isinstance(value, int):
-            desc[attr] = value
-    model = getattr(encoder, "model", encoder)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        desc["model_class"] = type(model).__name__
-        desc["model_config"] = {k: v for k, v in sorted(config.to_dict().items()) if k not in _CONFIG_IGNORED}
-    return desc
-
-
-def _image_entry(path: str) -> list[Any]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return [path, None, None]  # missing: it will be skipped, and the key changes once it appears
-    return [path, st.st_size, st.st_mtime_ns]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    """Validated settings of a build (everything but the encoder and the images)."""
-
-    transform_config: ImageProcessorConfig
-    views: int
-    train_augment: bool
-    seed: int
-    dtype: torch.dtype
-    train_transform_kwargs: dict[str, Any]
-
-    @classmethod
-    def make(
-        cls,
-        transform_config: ImageProcessorConfig,
-        views: int,
-        train_augment: bool,
-        seed: int,
-        dtype: torch.dtype,
-        train_transform_kwargs: Mapping[str, Any] | None,
-    ) -> _Spec:
-        if not isinstance(transform_config, ImageProcessorConfig):
-            raise InputError(f"transform_config must be an ImageProcessorConfig, got {type(transform_config).__name__}")
-        if transform_config.output_size is None:
-            raise InputError(
-                "feature caching needs a fixed image size: set do_resize with image_size, or do_center_crop"
-            )
-        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-            raise InputError(f"views must be a positive integer, got {views!r}")
-        if views > 1 and not train_augment:
-            raise InputError(f"views={views} without train_augment would store {views} identical eval views")
-        if train_transform_kwargs and not train_augment:
-            raise InputError("train_transform_kwargs are given but train_augment is False")
-        if dtype not in _STORAGE:
-            raise InputError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
-        kwargs = dict(train_transform_kwargs or {})
-        if train_augment:
-            TrainTransform(transform_config, **kwargs)  # validates the arguments now, not in a worker
-        return cls(transform_config, views, bool(train_augment), int(seed), dtype, kwargs)
-
-    def describe(self) -> dict[str, Any]:
-        desc: dict[str, Any] = {
-            "transform_config": dataclasses.asdict(self.transform_config),
-            "views": self.views,
-            "train_augment": self.train_augment,
-            "dtype": _STORAGE[self.dtype][0],
-        }
-        if self.train_augment:  # the seed and the augmentation settings matter only then
-            t = TrainTransform(self.transform_config, **self.train_transform_kwargs)
-            desc["augmentation"] = {"scale": t.scale, "ratio": t.ratio, "hflip": t.hflip, "seed": self.seed}
-        return desc
-
-
-def _unique_paths(images: Sequence[str | os.PathLike]) -> list[str]:
-    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
-        raise InputError(f"images must be a sequence of paths, got {type(images).__name__}")
-    paths = list(dict.fromkeys(canonical_path(p) for p in images))
-    if not paths:
-        raise InputError("no images given (empty list)")
-    return paths
-
-
-def _key_material(
-    encoder: nn.Module, paths: Sequence[str], spec: _Spec, fingerprint: Literal["fast", "sha256"]
-) -> dict[str, Any]:
-    images = json.dumps([_image_entry(p) for p in sorted(paths)]).encode()
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "pipeline_version": PIPELINE_VERSION,
-        "encoder": {**_encoder_description(encoder), "weights": encoder_fingerprint(encoder, mode=fingerprint)},
-        **spec.describe(),
-        "images": {"count": len(paths), "sha256": hashlib.sha256(images).hexdigest()},
-    }
-
-
-def _digest(material: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def feature_cache_key(
-    encoder: nn.Module,
-    images: Sequence[str | os.PathLike],
-    *,
-    transform_config: ImageProcessorConfig,
-    views: int = 1,
-    train_augment: bool = False,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float16,
-    train_transform_kwargs: Mapping[str, Any] | None = None,
-    fingerprint: Literal["fast", "sha256"] = "fast",
-) -> str:
-    """The key (folder name) a cache of these images and settings has; arguments as in :meth:`FeatureCache.build`.
-
-    It is the SHA-256 of a sorted-keys JSON of: format and pipeline versions; the encoder's class, ``layer``,
-    model config (minus bookkeeping entries) and :func:`encoder_fingerprint`; the preprocessing config; ``views``,
-    ``train_augment`` and (with augmentation only) the seed, scale, ratio and flip probability; the storage dtype;
-    and the SHA-256 of the sorted list of ``[canonical path, size, mtime_ns]`` of the images. The order of
-    ``images`` does not matter.
-
-    Returns:
-        64 hex characters.
-    """
-    spec = _Spec.make(transform_config, views, train_augment, seed, dtype, train_transform_kwargs)
-    return _digest(_key_material(encoder, _unique_paths(images), spec, fingerprint))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Building
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class _ViewImages(Dataset):
-    """Item ``i``: ``(i, pixels [views, 3, H, W])`` for image ``paths[i]``, or a SkippedSample."""
-
-    def __init__(self, paths: Sequence[str], spec: _Spec) -> None:
-        self.paths = list(paths)
-        self.spec = spec
-        self.transform = _make_transform(spec.transform_config, spec.train_augment, spec.train_transform_kwargs)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    @staticmethod
-    def _pixels_of(
-        image: Any, path: str, views: Sequence[int], transform: Any, train_augment: bool, seed: int
-    ) -> list[Tensor]:
-        if not train_augment:
-            if any(v != 0 for v in views):
-                raise InputError(f"views {list(views)} requested, but without augmentation there is only view 0")
-            return [transform(image)]
-        return [transform(image, generator=torch.Generator().manual_seed(view_seed(seed, v, path))) for v in views]
-
-    def __getitem__(self, i: int) -> tuple[int, Tensor] | SkippedSample:
-        path = self.paths[i]
-        try:
-            image = load_image(path)
-            views = range(self.spec.views)
-            pixels = self._pixels_of(image, path, views, self.transform, self.spec.train_augment, self.spec.seed)
-        except (ImageError, OSError) as exc:
-            logger.debug("feature cache: skipping %s: %s", path, exc)
-            return SkippedSample(path, _reason(exc))
-        return i, torch.stack(pixels)
-
-
-def _as_list(batch: list[Any]) -> list[Any]:
-    return batch
-
-
-def _to_numpy(features: Tensor, storage: np.dtype) -> np.ndarray:
-    """Features already in the storage dtype → little-endian numpy array of the stored bits."""
-    features = features.detach().cpu().contiguous()
-    if features.dtype == torch.bfloat16:
-        return features.view(torch.int16).numpy().view(np.uint16).astype(storage, copy=False)
-    return features.numpy().astype(storage, copy=False)
-
-
-class _ShardWriter:
-    """Appends blocks of ``views`` rows to raw shard files of at most ``shard_bytes`` (at least one image each)."""
-
-    def __init__(self, folder: Path, storage: np.dtype, views: int, shard_bytes: int) -> None:
-        self.folder = folder
-        self.storage = storage
-        self.views = views
-        self.shard_bytes = shard_bytes
-        self.shards: list[dict[str, Any]] = []
-        self.row_shape: tuple[int, ...] | None = None
-        self.rows_per_shard = 0
-        self._file: Any = None
-
-    def write(self, block: np.ndarray) -> tuple[int, int]:
-        """Store ``block`` ``[views, *row_shape]``; returns ``(shard, first row)``."""
-        if self.row_shape is None:
-            self.row_shape = tuple(block.shape[1:])
-            row_bytes = int(np.prod(self.row_shape)) * self.storage.itemsize
-            self.rows_per_shard = max(1, self.shard_bytes // (row_bytes * self.views)) * self.views
-        elif tuple(block.shape[1:]) != self.row_shape:
-            raise InputError(f"encoder output shape changed from {list(self.row_shape)} to {list(block.shape[1:])}")
-        if self._file is None or self.shards[-1]["rows"] + self.views > self.rows_per_shard:
-            self._close_current()
-            name = f"shard-{len(self.shards):05d}.bin"
-            self._file = open(self.folder / name, "wb")  # noqa: SIM115 - closed in _close_current
-            self.shards.append({"file": name, "rows": 0})
-        shard = self.shards[-1]
-        row = shard["rows"]
-        self._file.write(np.ascontiguousarray(block).tobytes())
-        shard["rows"] += self.views
-        return len(self.shards) - 1, row
-
-    def _close_current(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-
-    def close(self) -> None:
-        self._close_current()
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    first = next(module.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _tables_digest(images: Mapping[str, Any], missing: Mapping[str, Any], shards: Any) -> str:
-    """SHA-256 of the index's tables, so a hand-edited or damaged index (two rows swapped) is refused."""
-    return hashlib.sha256(json.dumps([images, missing, shards], sort_keys=True).encode()).hexdigest()
-
-
-def _build(
-    encoder: nn.Module,
-    paths: list[str],
-    directory: Path,
-    key: str,
-    material: dict[str, Any],
-    spec: _Spec,
-    *,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
-    shard_bytes: int,
-) -> Path:
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    if shard_bytes < 1:
-        raise InputError(f"shard_bytes must be >= 1, got {shard_bytes}")
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=directory))
-    start = time.perf_counter()
-    try:
-        storage = np.dtype(_STORAGE[spec.dtype][1])
-        writer = _ShardWriter(tmp, storage, spec.views, shard_bytes)
-        loader = DataLoader(
-            _ViewImages(paths, spec),
-            batch_size=max(1, batch_size // spec.views),  # batch_size counts encoded rows (image-views)
-            num_workers=num_workers,
-            collate_fn=_as_list,
-        )
-        index: dict[str, list[int]] = {}
-        missing: dict[str, str] = {}
-        device = _device_of(encoder)
-        try:
-            with (
-                torch.inference_mode(),
-                _eval_mode(encoder),
-                tqdm(total=len(paths), desc="caching vision features", unit="img", disable=not progress) as bar,
-            ):
-                for batch in loader:
-                    good = [item for item in batch if not isinstance(item, SkippedSample)]
-                    missing.update((item.path, item.reason) for item in batch if isinstance(item, SkippedSample))
-                    if good:
-                        pixels = torch.cat([p for _, p in good]).to(device)
-                        features = _to_numpy(encoder(pixels).to(spec.dtype), storage)
-                        if features.shape[0] != pixels.shape[0]:
-                            raise InputError(f"encoder returned {features.shape[0]} rows for {pixels.shape[0]} images")
-                        for k, (i, _) in enumerate(good):
-                            index[paths[i]] = list(writer.write(features[k * spec.views : (k + 1) * spec.views]))
-                    bar.update(len(batch))
-        finally:
-            writer.close()
-        _write_json(
-            tmp / INDEX_FILE,
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "key": key,
-                "complete": True,
-                "dtype": _STORAGE[spec.dtype][0],
-                "storage": storage.str,
-                "feature_shape": list(writer.row_shape) if writer.row_shape is not None else None,
-                "views": spec.views,
-                "train_augment": spec.train_augment,
-                "seed": spec.seed,
-                "train_transform_kwargs": spec.train_transform_kwargs,
-                "shards": writer.shards,
-                "images": index,
-                "missing": missing,
-                "checksums": {
-                    shard["file"]: {
-                        "size": (tmp / shard["file"]).stat().st_size,
-                        "sample": file_digest(tmp / shard["file"]),
-                        "full": file_digest(tmp / shard["file"], full=True),
-                    }
-                    for shard in writer.shards
-                },
-                "tables_sha256": _tables_digest(index, missing, writer.shards),
-                "key_material": material,
-                "build_seconds": round(time.perf_counter() - start, 3),
-            },
-        )
-        final = directory / key
-        replace_dir(tmp, final)  # readers that already opened the old shards keep them (POSIX) until they close
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if missing:
-        report = SkipReport()
-        report.update(SkippedSample(p, r) for p, r in missing.items())
-        report.samples = len(index)
-        logger.warning("feature cache %s: %s", key[:16], report.summary())
-    return final
 
 
 # --------------------------------------------------------------------------------------------------------------------
