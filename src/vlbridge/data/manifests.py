@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.errors import InputError
+from vlbridge.utils.io import iter_jsonl
 
 __all__ = ["CaptionRecord", "VqaRecord", "read_caption_manifest", "read_coco_karpathy", "read_vqa_manifest"]
 
@@ -67,23 +68,11 @@ def _not_a_file(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, object)`` for each non-blank line; any malformed line is an InputError."""
+    """Yield ``(line number, object)`` for each non-blank line; a missing file or any malformed line is an
+    InputError."""
     if not path.is_file():
         raise InputError(f"manifest {path} {_not_a_file(path)}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        yield lineno, obj
+    return iter_jsonl(path)
 
 
 def _require_str(obj: dict[str, Any], key: str, where: str) -> str:

@@ -27,7 +27,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlbridge.errors import ImageError, InputError
 from vlbridge.eval.plots import as_python_scalar, render_bar_chart, render_line_plot
+from vlbridge.utils.io import atomic_file
 
 __all__ = ["HtmlReport", "Percent"]
 
@@ -575,17 +575,9 @@ class HtmlReport:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = self.render()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
             os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
 

@@ -13,12 +13,12 @@ Tasks (``task:`` in the eval config):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from vlbridge.errors import ConfigError, InputError
+from vlbridge.utils.io import iter_jsonl
 
 
 @dataclass
@@ -112,19 +112,9 @@ def labelled_images(path: str | Path, label_field: str) -> list[tuple[Path, str]
         for r in read_caption_manifest(manifest):
             out.setdefault(str(r.image), (r.image, r.caption))
         return list(out.values())
-    try:
-        lines = manifest.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(f"{manifest}: cannot read ({exc})") from exc
     labels: dict[str, tuple[Path, str]] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{manifest}:{n}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+    for n, record in iter_jsonl(manifest):
+        if not isinstance(record.get("image"), str):
             raise InputError(f"{manifest}:{n}: a record needs an 'image' path")
         value = field_value(record, label_field)
         if value is None or isinstance(value, dict | list) or (isinstance(value, str) and not value.strip()):

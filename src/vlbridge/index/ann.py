@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vlbridge.errors import InputError
-from vlbridge.utils.io import storage_error
+from vlbridge.utils.io import atomic_file, storage_error
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 FLAT_MAX_VECTORS = 100_000  # exact search below this: ~25 ms per query at E=256 on one core, no training
@@ -163,17 +163,10 @@ def write_ann(index: Any, path: str | os.PathLike) -> None:
     """Write an index atomically (a temporary file beside it, then renamed over it)."""
     faiss = faiss_module()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(exc, path) from exc
+        with atomic_file(path) as tmp:
+            faiss.write_index(index, str(tmp))
     except RuntimeError as exc:  # FAISS reports I/O failures as RuntimeError
-        tmp.unlink(missing_ok=True)
         raise storage_error(OSError(str(exc)), path) from exc
 
 

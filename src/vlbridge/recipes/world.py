@@ -43,6 +43,7 @@ from vlbridge.data.world import WorldConfig
 from vlbridge.errors import ConfigError
 from vlbridge.training.stage0_text import SCENE_LENGTH, Stage0TextConfig
 from vlbridge.training.stage0_vision import Stage0VisionConfig
+from vlbridge.utils.io import read_jsonl, write_text
 
 __all__ = ["BridgeTraining", "WorldRecipe", "run_world_recipe"]
 
@@ -148,9 +149,7 @@ def _key(*parts: Any) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 class _Stages:
@@ -276,15 +275,10 @@ def _train_bridge(cfg, folder: Path) -> dict[str, Any]:
 # Evaluation
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def _split_records(world: Path, split: str, limit: int | None) -> tuple[list[dict], list[dict]]:
-    images = _read_jsonl(world / f"captions_{split}.jsonl")[:limit]
+    images = read_jsonl(world / f"captions_{split}.jsonl")[:limit]
     keep = {r["image_id"] for r in images}
-    questions = [q for q in _read_jsonl(world / f"vqa_{split}.jsonl") if q["image_id"] in keep]
+    questions = [q for q in read_jsonl(world / f"vqa_{split}.jsonl") if q["image_id"] in keep]
     return images, questions
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlbridge.errors import CheckpointError, TrainingError
-from vlbridge.utils.io import folder_digests, storage_error, verify_digests, write_text
+from vlbridge.utils.io import folder_digests, replace_dir, storage_error, verify_digests, write_text
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
 CHECKSUMS = "checksums.json"
@@ -112,9 +112,7 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps({**state, "rng": _rng_state()}, indent=2, allow_nan=False))
         (tmp / CHECKSUMS).write_text(json.dumps(folder_digests(tmp, list(FILES)), indent=1))
         final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_dir(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # a full disk, a read-only folder

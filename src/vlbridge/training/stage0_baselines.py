@@ -16,12 +16,8 @@ from typing import Any
 import torch
 
 from vlbridge.errors import InputError
-from vlbridge.training.stage0_text import (
-    VQA_PROMPT,
-    _question_scene,
-    _read_jsonl,
-    scene_text,
-)
+from vlbridge.training.stage0_text.corpus import VQA_PROMPT, question_scene, scene_text
+from vlbridge.utils.io import read_jsonl
 from vlbridge.utils.threads import torch_threads
 
 __all__ = ["blind_baseline", "scene_oracle"]
@@ -162,8 +158,8 @@ def _lm_answers(
     from vlbridge.eval.vqa import evaluate_vqa
 
     start = time.perf_counter()
-    questions = _read_jsonl(Path(vqa_manifest))[:limit]
-    by_image = {r.get("image_id", r.get("image")): r for r in _read_jsonl(Path(captions_manifest))}
+    questions = read_jsonl(Path(vqa_manifest))[:limit]
+    by_image = {r.get("image_id", r.get("image")): r for r in read_jsonl(Path(captions_manifest))}
     caption_records = list(by_image.values())[:limit]
     if not questions:
         raise InputError(f"{vqa_manifest} holds no questions")
@@ -183,7 +179,7 @@ def _lm_answers(
             raise InputError(f"scene_oracle needs every image's objects in {captions_manifest}")
         scenes = {key: scene_text(r["objects"]) for key, r in records.items()}
         question_prefixes = [
-            tokenizer(_question_scene(r, scenes), add_special_tokens=False)["input_ids"] for r in questions
+            tokenizer(question_scene(r, scenes), add_special_tokens=False)["input_ids"] for r in questions
         ]
         caption_prefixes = [
             tokenizer(scene_text(r["objects"]), add_special_tokens=False)["input_ids"] for r in caption_records

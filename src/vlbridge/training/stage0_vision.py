@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ import torch
 from PIL import Image
 
 from vlbridge.errors import ConfigError, InputError
+from vlbridge.utils.io import atomic_dir, read_jsonl, write_text
 
 if TYPE_CHECKING:
     from vlbridge.models.clip import ClipDualEncoder
@@ -142,8 +142,7 @@ class _Split:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"{path} is missing; generate the world first (vlbridge.data.world.generate_world)")
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 def _load_split(world_dir: Path, name: str) -> _Split:
@@ -295,12 +294,6 @@ def _cached(out_dir: Path, config: Stage0VisionConfig, world_hash: str | None) -
     return summary
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -445,11 +438,7 @@ def train_vision_encoder(
             ("vision", lambda d: model.save_vision(d, image_processor=processor)),
             ("clip", lambda d: model.save(d, tokenizer=tokenizer, image_processor=processor)),
         ):
-            tmp = out_dir / f".{name}.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            save(tmp)
-            _replace_dir(tmp, out_dir / name)
+            atomic_dir(out_dir / name, save)
 
         summary = {
             "format_version": _FORMAT_VERSION,
@@ -471,9 +460,7 @@ def train_vision_encoder(
             "train_cpu_seconds": round(train_cpu_seconds, 2),  # summed over threads
             "total_seconds": round(time.perf_counter() - started, 2),
         }
-        tmp = out_dir / (SUMMARY_NAME + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir / SUMMARY_NAME)
+        write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         return {**summary, "cached": False}
     finally:
         torch.set_num_threads(old_threads)

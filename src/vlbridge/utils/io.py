@@ -3,8 +3,11 @@
 - :func:`atomic_dir` writes a folder through a temporary sibling and swaps it in with one atomic
   ``renameat2(RENAME_EXCHANGE)`` where the OS has it, so the target never goes missing, not even for an instant;
   elsewhere two renames, and :func:`recover_dir` puts the previous version back if a crash fell between them.
-- :func:`write_text` / :func:`write_json`: a temporary file in the same folder, fsync, ``os.replace``.
-  :func:`finite` turns NaN / inf into None first, because ``json.dumps`` would write ``NaN``, which is not JSON.
+  :func:`replace_dir` is that swap alone, for a folder already written beside its target.
+- :func:`atomic_file`: a temporary file in the same folder, fsync, ``os.replace``; :func:`write_text`,
+  :func:`write_bytes` and :func:`write_json` write through it. :func:`finite` turns NaN / inf into None first,
+  because ``json.dumps`` would write ``NaN``, which is not JSON.
+- :func:`read_jsonl`: the records of a JSON Lines file, an error naming the file and line for a bad one.
 - :func:`file_digest`: a cheap digest (size + a few sampled blocks) checked every time a file is opened, and a full
   one (every byte, ~4 GB/s) checked on demand.
 
@@ -20,15 +23,17 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vlbridge.errors import StorageError
+from vlbridge.errors import InputError, StorageError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -101,6 +106,26 @@ def atomic_dir(directory: str | os.PathLike, write: Callable[[Path], None]) -> P
         raise storage_error(exc, target) from exc
     try:
         write(tmp)
+        replace_dir(tmp, target)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise storage_error(exc, target) from exc
+        raise
+    return target
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished folder ``tmp`` (a sibling of ``target``) onto ``target``, replacing any older version.
+
+    One atomic exchange where the OS has it (the old version is then deleted; readers that opened its files keep
+    them until they close), else two renames with a backup that :func:`recover_dir` puts back after a crash.
+
+    Raises:
+        StorageError: ``target`` is something other than a folder, or a rename fails.
+    """
+    tmp, target = Path(tmp), Path(target)
+    try:
         if target.is_dir() and not target.is_symlink() and _exchange(tmp, target):
             shutil.rmtree(tmp, ignore_errors=True)  # now the old version
         elif os.path.lexists(target):
@@ -113,32 +138,50 @@ def atomic_dir(directory: str | os.PathLike, write: Callable[[Path], None]) -> P
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.rename(tmp, target)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-            raise storage_error(exc, target) from exc
-        raise
-    return target
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise storage_error(exc, target) from exc
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temporary file in the same folder, fsync, ``os.replace``)."""
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; when the block ends it is fsynced and renamed over ``path``.
+
+    Readers see the old file or the new one, never part of one; an exception (or Ctrl-C) in the block deletes the
+    temporary file and leaves ``path`` as it was. The file gets the mode ``open()`` would give it (umask applies).
+
+    Raises:
+        StorageError: The file cannot be written (full disk, read-only folder, a missing folder).
+    """
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
         raise storage_error(exc, path) from exc
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, StorageError):
             raise storage_error(exc, path) from exc
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a binary file atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def finite(obj: Any) -> Any:
@@ -160,6 +203,37 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
     """Write ``obj`` as strict JSON (see :func:`dumps`), atomically."""
     write_text(path, dumps(obj, indent=indent))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSON Lines file (UTF-8, a BOM allowed).
+
+    Raises:
+        InputError: The file cannot be read, is not UTF-8, or a line is not a JSON object; the message names the
+            file and the line (``path:line: invalid JSON (...)``).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):  # only newlines: a JSON string may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The objects of a JSON Lines file, blank lines skipped; errors as in :func:`iter_jsonl`."""
+    return [obj for _, obj in iter_jsonl(path)]
 
 
 # ------------------------------------------------------------------------------------------------------ checksums
