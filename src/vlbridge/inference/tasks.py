@@ -1,10 +1,11 @@
-"""What users do with a BLIP-2 model: caption, answer, chat, score, match (ITM), compare (ITC) and embed.
+"""What users do with a model: caption, answer, chat, score, match (ITM), compare (ITC) and embed.
 
 Each function batches internally, takes images as paths / PIL images / pixel tensors, and checks its
-arguments before any model work. The LLM sees a left-padded prefix `[pad..., soft prompt (Q), prompt
-tokens]`; for InstructBLIP the prompt also goes into the Q-Former next to the queries.
+arguments before any model work. The LLM sees a left-padded row of prompt tokens with the image's prefix in its
+slot (`inference.prefix`: where the prompt's `<image>` is, or by the checkpoint's convention); an
+instruction-aware bridge (InstructBLIP) also reads the prompt. ITM/ITC need a bridge with matching heads.
 
-Shapes: B batch, Q queries, D LLM width, P prefix length, T text length.
+Shapes: B batch, Q prefix tokens per image, D LLM width, P prefix length, T text length.
 """
 
 from __future__ import annotations
