@@ -1,6 +1,7 @@
-"""vlbridge: BLIP-2 — a trainable Q-Former between a frozen vision encoder and a frozen LLM.
+"""vlbridge: the ways to bridge a frozen vision encoder and a frozen LLM — BLIP-2's Q-Former at the centre,
+InstructBLIP, MiniGPT-4 and LLaVA's projector beside it — in one composition (`VisionLanguageModel`).
 
-`import vlbridge` stays light: torch and transformers are imported on first use of `load` / `Blip2`.
+`import vlbridge` stays light: torch and transformers are imported on first use of `load` / the model classes.
 """
 
 from vlbridge.errors import CheckpointError, ConfigError, ImageError, InputError, VlbridgeError
@@ -13,6 +14,7 @@ __all__ = [
     "ConfigError",
     "ImageError",
     "InputError",
+    "VisionLanguageModel",
     "VlbridgeError",
     "load",
 ]
@@ -27,4 +29,8 @@ def __getattr__(name: str):
         from vlbridge.models import blip2
 
         return getattr(blip2, name)
+    if name == "VisionLanguageModel":
+        from vlbridge.models.vlm import VisionLanguageModel
+
+        return VisionLanguageModel
     raise AttributeError(f"module 'vlbridge' has no attribute {name!r}")
