@@ -229,8 +229,6 @@ def from_hf_model(hf: nn.Module) -> VisionLanguageModel:
 def _attach_preprocessing(model: VisionLanguageModel, path: Path, arch: str) -> None:
     from transformers import AutoTokenizer
 
-    from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
-
     def tokenizer(folder: Path):
         if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
             return None
@@ -242,12 +240,16 @@ def _attach_preprocessing(model: VisionLanguageModel, path: Path, arch: str) -> 
         model.tokenizer = tokenizer(path)
         if arch == "InstructBlipForConditionalGeneration":
             model.qformer_tokenizer = tokenizer(path / "qformer_tokenizer")
+    model.image_processor = image_processor(path, model.vision.image_size)
+
+
+def image_processor(path: Path, image_size: int):
+    """The checkpoint's image preprocessing (its processor config), or a plain resize to the encoder's size."""
+    from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
+
     if (path / "preprocessor_config.json").exists() or (path / "processor_config.json").exists():
-        image_config = ImageProcessorConfig.from_pretrained(path)
-    else:
-        size = model.vision.image_size
-        image_config = ImageProcessorConfig(image_size=(size, size))
-    model.image_processor = ImageProcessor(image_config)
+        return ImageProcessor(ImageProcessorConfig.from_pretrained(path))
+    return ImageProcessor(ImageProcessorConfig(image_size=(image_size, image_size)))
 
 
 # ------------------------------------------------------------------------------------------------ saving

@@ -56,7 +56,7 @@ def load_llava(
     source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> VisionLanguageModel:
     """Load a transformers LLaVA checkpoint (folder or hub id) with its tokenizer and image processor."""
-    from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
+    from vlbridge.interop.hf import image_processor
 
     path = resolve(source)
     try:  # float32 first: the projector stays float32 whatever the frozen parts become
@@ -67,12 +67,7 @@ def load_llava(
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = from_llava_model(hf, tokenizer=tokenizer)
-    if (path / "preprocessor_config.json").exists() or (path / "processor_config.json").exists():
-        image_config = ImageProcessorConfig.from_pretrained(path)
-    else:
-        size = model.vision.image_size
-        image_config = ImageProcessorConfig(image_size=(size, size))
-    model.image_processor = ImageProcessor(image_config)
+    model.image_processor = image_processor(path, model.vision.image_size)
     if dtype is not None and dtype != torch.float32:
         model.vision.to(dtype)
         model.language_model.to(dtype)
