@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +46,7 @@ from vlbridge.errors import InputError
 from vlbridge.eval.progress import progress_bar
 from vlbridge.eval.retrieval import recall_at_k, repeated_captions, rerank_with_itm
 from vlbridge.inference.tasks import _qformer_tokens, _require_heads, pixel_values
+from vlbridge.utils.io import write_text
 
 Model = nn.Module  # a `vlbridge.models.vlm.VisionLanguageModel` with matching heads (`model.retrieval`)
 
@@ -593,14 +593,5 @@ def write_report(result: dict[str, Any], path: str | os.PathLike) -> Path:
     except (TypeError, ValueError) as e:
         raise InputError(f"report is not JSON-serialisable: {e}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(target, text)
     return target

@@ -8,7 +8,6 @@ the prompt. With `instruct`, the prompt is also fed to the Q-Former next to the 
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from vlbridge.errors import ImageError, InputError
 from vlbridge.inference.prefix import keep_end, prompt_tokens
 from vlbridge.objectives.lm import decoder_lm_loss, encoder_decoder_lm_loss, split_prefix
 from vlbridge.training import distributed as D
+from vlbridge.utils.io import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -51,19 +51,15 @@ def chat_records(path: str | Path) -> list[PromptRecord]:
     """JSONL `{"image": ..., "turns": [[question, answer], ...]}`: one example per turn, earlier turns as history."""
     path = Path(path)
     out = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                turns = [(str(q), str(a)) for q, a in obj["turns"]]
-                image = path.parent / obj["image"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise InputError(f"{path}:{line_no}: not a chat record ({exc})") from exc
-            image_id = str(obj.get("image_id", obj["image"]))
-            for t, (q, a) in enumerate(turns):
-                out.append(PromptRecord(image, image_id, (a,), prompt=q, history=tuple(turns[:t])))
+    for line_no, obj in iter_jsonl(path):
+        try:
+            turns = [(str(q), str(a)) for q, a in obj["turns"]]
+            image = path.parent / obj["image"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}:{line_no}: not a chat record ({exc})") from exc
+        image_id = str(obj.get("image_id", obj["image"]))
+        for t, (q, a) in enumerate(turns):
+            out.append(PromptRecord(image, image_id, (a,), prompt=q, history=tuple(turns[:t])))
     return out
 
 
