@@ -17,7 +17,7 @@ import pytest
 from vlbridge.config import from_dict, load_yaml, save_yaml, to_dict
 from vlbridge.data.world import WorldConfig
 from vlbridge.errors import ConfigError
-from vlbridge.recipes.world import BridgeTraining, WorldRecipe, run_world_recipe
+from vlbridge.recipes.world import BRIDGES, BridgeTraining, WorldRecipe, run_world_recipe
 from vlbridge.training.stage0_text import Stage0TextConfig
 from vlbridge.training.stage0_vision import Stage0VisionConfig
 from vlbridge.utils.threads import torch_threads
@@ -29,6 +29,7 @@ REDUCED = WorldRecipe(
     stage1=BridgeTraining(steps=100, batch_size=32, warmup_steps=10, lr=2e-3),
     stage2=BridgeTraining(steps=150, batch_size=32, warmup_steps=10, lr=2e-3),
     instruct=BridgeTraining(steps=150, batch_size=32, warmup_steps=10, lr=2e-3),
+    compare=BridgeTraining(steps=20, batch_size=16, warmup_steps=5, lr=2e-3),  # the comparison's plumbing, not skill
     eval_images=80,
     gallery=4,
 )
@@ -70,6 +71,38 @@ def test_report_is_self_contained(run: tuple[Path, dict]) -> None:
     assert set(predictions["answers"][0]) >= {"question", "truth", "stage2", "instruct", "blind", "oracle"}
 
 
+def test_bridges_are_compared(run: tuple[Path, dict]) -> None:
+    out, result = run
+    bridges = result["bridges"]
+    assert list(bridges) == list(BRIDGES) == ["qformer", "qformer_instruct", "projector", "minigpt4"]
+    keys = {"vqa_accuracy", "vqa_per_type", "fact_f1", "cider", "retrieval", "trainable_params", "visual_tokens",
+            "train_s_per_step", "captions_per_s", "steps"}  # fmt: skip
+    types = set(bridges["qformer"]["vqa_per_type"])
+    assert len(types) >= 5, types
+    for name, b in bridges.items():
+        assert set(b) >= keys, (name, set(b))
+        assert 0 <= b["vqa_accuracy"] <= 1 and 0 <= b["fact_f1"] <= 1 and b["cider"] >= 0, (name, b)
+        assert set(b["vqa_per_type"]) == types and all(0 <= v <= 1 for v in b["vqa_per_type"].values()), name
+        assert b["trainable_params"] > 0 and b["train_s_per_step"] > 0 and b["captions_per_s"] > 0, (name, b)
+        assert b["steps"] == REDUCED.compare.steps and b["images"] == REDUCED.eval_images, (name, b)
+    # 27 query outputs for the Q-Formers; every ViT token (patches + CLS) for the projector
+    assert {bridges[n]["visual_tokens"] for n in ("qformer", "qformer_instruct", "minigpt4")} == {27}
+    assert bridges["projector"]["visual_tokens"] > 27
+    # MiniGPT-4 trains only the projection into the LM: far fewer parameters than a trainable Q-Former
+    assert bridges["minigpt4"]["trainable_params"] < bridges["qformer"]["trainable_params"] / 10
+    assert bridges["qformer_instruct"]["trainable_params"] == bridges["qformer"]["trainable_params"]
+    # retrieval where the bridge has ITC heads: the frozen stage-1 Q-Former of MiniGPT-4
+    assert bridges["minigpt4"]["retrieval"]["text_to_image_r1_itc"] == result["metrics"]["test"]["text_to_image_r1_itc"]
+    assert all(bridges[n]["retrieval"] is None for n in ("qformer", "qformer_instruct", "projector"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bridges"] == json.loads(json.dumps(bridges))
+    html = (out / "report.html").read_text()
+    assert "Bridges compared" in html and "VQA accuracy by question type, per bridge" in html
+    start = html.index('id="bridges-compared"')  # the heading itself, not the contents at the top
+    section = html[start : html.index("<h2", start)]
+    assert all(name in section for name in bridges) and "trainable params" in section and "captions / s" in section
+
+
 def test_second_run_reuses_every_stage(run: tuple[Path, dict], tmp_path: Path) -> None:
     out, first = run
     moved = tmp_path / "moved"
@@ -78,12 +111,15 @@ def test_second_run_reuses_every_stage(run: tuple[Path, dict], tmp_path: Path) -
     assert all(stage["cached"] for stage in again["stages"].values())
     assert again["metrics"] == first["metrics"]
     out = moved
-    # a changed stage-2 setting redoes stage 2 and what follows it, nothing before
+    # a changed stage-2 setting redoes stage 2 and what follows it, nothing before; the comparison starts from
+    # stage 1 (or from nothing), so it is kept
     changed = replace(REDUCED, stage2=replace(REDUCED.stage2, steps=2), instruct=replace(REDUCED.instruct, steps=2))
     partly = run_world_recipe(out, changed, progress=False, verbose=False)
     cached = {name: stage["cached"] for name, stage in partly["stages"].items()}
     assert cached == {"world": True, "stage0_vision": True, "stage0_text": True, "stage1": True,
-                      "stage2": False, "instruct": False, "evaluate": False}  # fmt: skip
+                      "stage2": False, "instruct": False, "evaluate": False,
+                      **{f"compare_{name}": True for name in BRIDGES}}  # fmt: skip
+    assert partly["bridges"] == again["bridges"]
 
 
 def test_recipe_round_trips_through_yaml(tmp_path: Path) -> None:
@@ -93,6 +129,12 @@ def test_recipe_round_trips_through_yaml(tmp_path: Path) -> None:
     # one field of a stage overridden: the stage's other fields keep their defaults
     partial = from_dict(WorldRecipe, {"stage1": {"lr": 0.002}})
     assert partial.stage1 == replace(WorldRecipe().stage1, lr=0.002)
+
+
+def test_unknown_or_repeated_bridges_are_refused(tmp_path: Path) -> None:
+    for bridges in (["qformer", "perceiver"], ["projector", "projector"]):
+        with pytest.raises(ConfigError, match="bridges"):
+            run_world_recipe(tmp_path, replace(REDUCED, bridges=bridges), verbose=False)
 
 
 def test_a_blind_language_model_is_refused(tmp_path: Path) -> None:

@@ -19,7 +19,10 @@ loaded through exactly the code path a hub model takes:
    re-ranking) with the stage-1 model; captions (CIDEr, BLEU-4, fact F1) and VQA accuracy (official metric) with
    the stage-2 and instruction-tuned models; against chance, the blind LM (no image) and the LM reading the true
    scene record (the ceiling a perfect bridge would reach).
-8. **report** — ``report.html``: a self-contained page with sample images, generated captions and answers,
+8. **the comparison** — every bridge of ``bridges`` (Q-Former, instruction-aware Q-Former, LLaVA's MLP projector,
+   MiniGPT-4's frozen Q-Former with a trained projection) trained the same way (``compare``: the same frozen
+   encoder and LM, captions + VQA, the same steps) and evaluated on the test split side by side.
+9. **report** — ``report.html``: a self-contained page with sample images, generated captions and answers,
    retrieval examples, metric tables and loss curves.
 
 Every stage's result is cached under ``out_dir`` with a key of its settings and of every stage before it, so a
@@ -45,12 +48,19 @@ from vlbridge.training.stage0_text import SCENE_LENGTH, Stage0TextConfig
 from vlbridge.training.stage0_vision import Stage0VisionConfig
 from vlbridge.utils.io import read_jsonl, write_text
 
-__all__ = ["BridgeTraining", "WorldRecipe", "run_world_recipe"]
+__all__ = ["BRIDGES", "BridgeTraining", "WorldRecipe", "run_world_recipe"]
 
 _FORMAT_VERSION = 1
 _STAGE_FILE = "stage.json"
 # Words the prompts add to the world's vocabulary (the Q-Former reads them when instruction-aware).
 _PROMPT_WORDS = ("question", "answer", "short", ":", "?", ",", ".")
+# The bridges the comparison can train, and what each is.
+BRIDGES = {
+    "qformer": "Q-Former (BLIP-2), from stage 1",
+    "qformer_instruct": "instruction-aware Q-Former (InstructBLIP), from stage 1",
+    "projector": "MLP projector (LLaVA mlp2x_gelu), from scratch",
+    "minigpt4": "frozen stage-1 Q-Former + trained projection (MiniGPT-4)",
+}
 
 
 @dataclass
@@ -92,6 +102,8 @@ class WorldRecipe:
         stage1: Stage-1 training (ITC + ITM + ITG).
         stage2: Stage-2 training (captions through the frozen LM).
         instruct: Instruction tuning (captions and VQA, instruction-aware Q-Former).
+        compare: Training of each bridge of the comparison (captions and VQA, every bridge the same).
+        bridges: The bridges to compare (keys of ``BRIDGES``); empty: no comparison.
         precision: Autocast precision of the bridge stages. fp32 by default: at these widths (128) bf16 autocast
             is slower on a CPU (stage-1 step 0.79 s in bf16 vs 0.48 s in fp32 at batch 64, measured here).
         retrieval_k: ITC candidates per query re-ranked by ITM.
@@ -120,6 +132,8 @@ class WorldRecipe:
     stage1: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=450, lr=2e-3))
     stage2: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=400))
     instruct: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=400))
+    compare: BridgeTraining = field(default_factory=lambda: BridgeTraining(steps=300))
+    bridges: list[str] = field(default_factory=lambda: list(BRIDGES))
     precision: Literal["fp32", "bf16"] = "fp32"
     retrieval_k: int = 16
     eval_images: int | None = 300
@@ -130,10 +144,13 @@ class WorldRecipe:
         self.world.validate()
         self.vision.validate()
         self.text.validate()
-        for name in ("stage1", "stage2", "instruct"):
+        for name in ("stage1", "stage2", "instruct", "compare"):
             stage = getattr(self, name)
             if stage.steps < 1 or stage.batch_size < 2:
                 raise ConfigError(f"{name}: steps must be >= 1 and batch_size >= 2")
+        unknown = [b for b in self.bridges if b not in BRIDGES]
+        if unknown or len(set(self.bridges)) != len(self.bridges):
+            raise ConfigError(f"bridges: {unknown or self.bridges} (each once, of {', '.join(BRIDGES)})")
         if self.retrieval_k < 1 or self.gallery < 0 or (self.eval_images is not None and self.eval_images < 1):
             raise ConfigError("retrieval_k and eval_images must be >= 1, gallery >= 0")
         if self.text.scene_fraction <= 0:
@@ -201,7 +218,10 @@ def _quiet_transformers() -> Iterator[None]:
 # The bridge stages
 
 
-def _train_config(recipe: WorldRecipe, stage: str, folder: Path, paths: dict[str, Path], progress: bool):
+def _train_config(
+    recipe: WorldRecipe, stage: str, folder: Path, paths: dict[str, Path], progress: bool, bridge: str | None = None
+):
+    """The training config of a bridge stage; ``stage="compare"`` with ``bridge``: one bridge of the comparison."""
     from vlbridge.config import from_dict
     from vlbridge.training.recipe import TrainConfig
 
@@ -231,6 +251,21 @@ def _train_config(recipe: WorldRecipe, stage: str, folder: Path, paths: dict[str
     if stage == "instruct":
         model["instruct"] = True
         data["vqa"] = [str(world / "vqa_train.jsonl")]
+    if stage == "compare":  # every bridge: captions + VQA, the same steps; a Q-Former starts from stage 1
+        data["vqa"] = [str(world / "vqa_train.jsonl")]
+        if bridge == "qformer_instruct":
+            model["instruct"] = True
+        elif bridge == "minigpt4":
+            model["freeze_qformer"] = True
+        elif bridge == "projector":  # no Q-Former: every image token of the same frozen layer, projected
+            model = {
+                "vision": str(paths["vision"]),
+                "vision_layer": recipe.vision_layer,
+                "language_model": str(paths["lm"]),
+                "bridge": {"kind": "projector", "projector_type": "mlp2x_gelu"},
+                "vision_select": "all",
+                "embed_dim": None,
+            }
     raw = {
         "stage": "stage1" if stage == "stage1" else "stage2",
         "model": model,
@@ -254,7 +289,8 @@ def _train_config(recipe: WorldRecipe, stage: str, folder: Path, paths: dict[str
     return from_dict(TrainConfig, raw)
 
 
-def _train_bridge(cfg, folder: Path) -> dict[str, Any]:
+def _train_bridge(cfg, folder: Path, measure: bool = False) -> dict[str, Any]:
+    """Train one bridge stage; ``measure``: also its trainable parameters, visual tokens and s/step."""
     import csv
 
     from vlbridge.training.loop import train
@@ -267,8 +303,22 @@ def _train_bridge(cfg, folder: Path) -> dict[str, Any]:
         for name in rows[0]
         if name.startswith("loss")
     } if rows else {}  # fmt: skip
-    return {"model": str(folder / "model"), "final": summary["final"], "train_seconds": summary["seconds"],
-            "curves": curve}  # fmt: skip
+    result = {"model": str(folder / "model"), "final": summary["final"], "train_seconds": summary["seconds"],
+              "curves": curve}  # fmt: skip
+    if measure:
+        from vlbridge.models.builder import build_model
+
+        model = build_model(cfg.model)  # as training built it: what requires grad is what trained
+        result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        result["visual_tokens"] = model.num_visual_tokens
+        # s/step between the first and the last log row: the steady state, without building and the last save
+        timed = [(int(r["step"]), float(r["time"])) for r in rows if r.get("time") not in (None, "")]
+        if len(timed) >= 2 and timed[-1][0] > timed[0][0]:
+            result["s_per_step"] = (timed[-1][1] - timed[0][1]) / (timed[-1][0] - timed[0][0])
+        else:
+            result["s_per_step"] = summary["seconds"] / max(summary["steps"], 1)
+        result["steps"] = summary["steps"]
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -300,16 +350,18 @@ def _generate(
     captions: list[str] = []
     answers: list[str] = []
     with tqdm(total=len(images) + len(questions), desc=desc, unit="text", disable=not progress) as bar:
+        started = time.perf_counter()
         for start in range(0, len(images), batch):
             chunk = images[start : start + batch]
             captions += model.caption([world / r["image"] for r in chunk], max_new_tokens=30)
             bar.update(len(chunk))
+        caption_seconds = time.perf_counter() - started  # images read from disk included, as a user would
         for start in range(0, len(questions), batch):
             chunk = questions[start : start + batch]
             images_ = [world / r["image"] for r in chunk]
             answers += model.answer(images_, [r["question"] for r in chunk], max_new_tokens=5)
             bar.update(len(chunk))
-    return {"captions": captions, "answers": answers}
+    return {"captions": captions, "answers": answers, "caption_seconds": caption_seconds}
 
 
 def _score(images: list[dict], questions: list[dict], captions: list[str], answers: list[str]) -> dict[str, Any]:
@@ -410,6 +462,55 @@ def _evaluate(paths: dict[str, Path], recipe: WorldRecipe, folder: Path, progres
     return results
 
 
+def _compare_one(cfg, bridge: str, recipe: WorldRecipe, world: Path, folder: Path, progress: bool) -> dict[str, Any]:
+    """One bridge of the comparison: trained (``_train_bridge``), then captions and answers on the test split."""
+    import vlbridge
+
+    result = _train_bridge(cfg, folder, measure=True)
+    model = vlbridge.load(folder / "model")
+    images, questions = _split_records(world, "test", recipe.eval_images)
+    out = _generate(model, world, images, questions, f"test: {bridge}", progress)
+    scores = _score(images, questions, out["captions"], out["answers"])
+    scores.pop("fact_f1_per_image")
+    examples = [{"image_id": r["image_id"], "caption": c} for r, c in zip(images[: recipe.gallery], out["captions"])]
+    return {**result, "test": scores, "images": len(images), "questions": len(questions),
+            "captions_per_s": len(images) / max(out["caption_seconds"], 1e-9), "examples": examples}  # fmt: skip
+
+
+def _bridges(recipe: WorldRecipe, stages: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The comparison's numbers per bridge, for ``summary.json`` and the report.
+
+    Retrieval needs ITC heads: only MiniGPT-4's Q-Former is the stage-1 one unchanged (frozen), so its retrieval is
+    the stage-1 model's; the trained Q-Formers lose their heads in stage 2 and a projector has no text side: None.
+    """
+    test = metrics.get("test", {})
+    out: dict[str, Any] = {}
+    for bridge in recipe.bridges:
+        r = stages[f"compare_{bridge}"]
+        retrieval = None
+        if bridge == "minigpt4" and "retrieval" in test:
+            m = test["retrieval"]["metrics"]
+            itm = m.get("itm", {})
+            retrieval = {"text_to_image_r1_itc": m["itc"]["img_r1"], "text_to_image_r1_itm": itm.get("img_r1"),
+                         "image_to_text_r1_itm": itm.get("txt_r1"), "source": "stage1"}  # fmt: skip
+        out[bridge] = {
+            "label": BRIDGES[bridge],
+            "vqa_accuracy": r["test"]["vqa"]["accuracy"],
+            "vqa_per_type": r["test"]["vqa"]["per_type"],
+            "fact_f1": r["test"]["caption"]["fact_f1"],
+            "cider": r["test"]["caption"].get("CIDEr"),
+            "retrieval": retrieval,
+            "trainable_params": r["trainable_params"],
+            "visual_tokens": r["visual_tokens"],
+            "train_s_per_step": r["s_per_step"],
+            "captions_per_s": r["captions_per_s"],
+            "steps": r["steps"],
+            "images": r["images"],
+            "questions": r["questions"],
+        }
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The whole recipe
 
@@ -426,13 +527,14 @@ def run_world_recipe(
 
     Args:
         out_dir: Where every stage's output, ``summary.json`` and ``report.html`` go.
-        recipe: The settings; defaults to ``WorldRecipe()`` (about 10 minutes on a 2-core CPU).
+        recipe: The settings; defaults to ``WorldRecipe()`` (about 12 minutes on a 2-core CPU, the comparison included).
         fresh: Redo every stage even when a cached result matches.
         progress: Show progress bars.
         verbose: Print a line per stage and the final summary.
 
     Returns:
-        ``{"out_dir", "report", "summary", "stages": {name: result}, "metrics": {split: ...}, "seconds"}``.
+        ``{"out_dir", "report", "summary", "stages": {name: result}, "metrics": {split: ...}, "bridges": {name: ...},
+        "seconds"}``: ``bridges`` holds the comparison's numbers per bridge (test split).
     """
     from vlbridge.data.world import world_vocabulary
     from vlbridge.recipes.tokenizers import build_bert_tokenizer
@@ -506,15 +608,30 @@ def run_world_recipe(
             "evaluating on the held-out splits",
         )
 
+        # The comparison: every bridge trained the same way, from stage 1 where it has a Q-Former.
+        paths["init_from"] = paths["stage1"]
+        for name in recipe.bridges:
+            cfg = _train_config(recipe, "compare", out / f"compare_{name}", paths, progress, bridge=name)
+            start = keys["stage1"] if name != "projector" else bridge
+            key = _key(start, asdict(recipe.compare), name, recipe.eval_images, recipe.gallery)
+            stages.run(
+                f"compare_{name}",
+                key,
+                lambda f, cfg=cfg, name=name: _compare_one(cfg, name, recipe, paths["world"], f, progress),
+                f"comparison: {BRIDGES[name]}",
+            )
+
     seconds = time.perf_counter() - started
     from vlbridge.recipes.world_report import summary_lines, write_report
 
-    report = write_report(out / "report.html", recipe, stages.results, seconds)
+    bridges = _bridges(recipe, stages.results, metrics)
+    report = write_report(out / "report.html", recipe, stages.results, seconds, bridges)
     result = {
         "out_dir": str(out),
         "report": str(report),
         "stages": stages.results,
         "metrics": {split: _headline(m) for split, m in metrics.items() if isinstance(m, dict) and "retrieval" in m},
+        "bridges": bridges,
         "seconds": seconds,
     }
     result["summary"] = str(out / "summary.json")

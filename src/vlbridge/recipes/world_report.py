@@ -38,16 +38,87 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"    caption fact F1     {m['fact_f1']:.3f}   blind LM {m['fact_f1_blind']:.3f}, ceiling "
             f"{m['fact_f1_oracle']:.3f}; CIDEr {_fmt(m['cider'])}",
         ]
+    if result.get("bridges"):
+        lines += ["", "  bridges compared (test): VQA acc, fact F1, CIDEr, trainable params, visual tokens, s/step, "
+                  "captions/s"]  # fmt: skip
+        for name, b in result["bridges"].items():
+            lines.append(
+                f"    {name:<17} {b['vqa_accuracy']:.3f}  {b['fact_f1']:.3f}  {_fmt(b['cider'])}  "
+                f"{b['trainable_params']:>9,}  {b['visual_tokens']:>3}  {b['train_s_per_step']:.3f}  "
+                f"{b['captions_per_s']:.1f}"
+            )
     lines += ["", f"  report: {result['report']}", f"  took {result['seconds']:.0f} s", ""]
     return lines
+
+
+def _comparison(report: Any, recipe: Any, bridges: dict[str, Any], test: dict[str, Any] | None) -> None:
+    """The section of the bridge comparison: a table of every number, and the bridges side by side in bar charts."""
+    report.heading("Bridges compared")
+    first = next(iter(bridges.values()))
+    report.paragraph(
+        f"Each bridge trained with the same frozen ViT and frozen OPT, on the same captions + VQA, for the same "
+        f"{recipe.compare.steps} steps of batch {recipe.compare.batch_size} (lr {recipe.compare.lr:g}); evaluated on "
+        f"the same {first['images']} test images and {first['questions']} questions. The Q-Former bridges start "
+        "from the stage-1 Q-Former; the MLP projector starts from scratch; MiniGPT-4 keeps the stage-1 Q-Former "
+        "frozen and trains only its projection into the LM. " + "; ".join(f"*{k}*: {b['label']}" for k, b in
+                                                                         bridges.items()) + "."
+    )  # fmt: skip
+    rows = []
+    for name, b in bridges.items():
+        r = b["retrieval"] or {}
+        rows.append(
+            {"bridge": name, "VQA %": b["vqa_accuracy"], "fact F1 %": b["fact_f1"], "CIDEr": b["cider"],
+             "t→i R@1 ITM %": r.get("text_to_image_r1_itm"), "trainable params": b["trainable_params"],
+             "visual tokens": b["visual_tokens"], "s / step": b["train_s_per_step"],
+             "captions / s": b["captions_per_s"]}
+        )  # fmt: skip
+    report.metrics(
+        rows,
+        caption="The comparison on the test split. Retrieval needs ITC heads: only MiniGPT-4's Q-Former is the "
+        "stage-1 one unchanged, so its recall is the stage-1 model's; the other bridges have none (—). s / step: "
+        "training, between the first and last log rows; captions / s: greedy captions of the test images, batch 64",
+        highlight={"VQA %": "max", "fact F1 %": "max", "CIDEr": "max", "trainable params": "min",
+                   "visual tokens": "min", "s / step": "min", "captions / s": "max"},
+    )  # fmt: skip
+    types = sorted({t for b in bridges.values() for t in b["vqa_per_type"]})
+    names = list(bridges)
+    report.metrics(
+        [{"bridge": n, **{f"{t} %": bridges[n]["vqa_per_type"].get(t) for t in types}} for n in names],
+        caption="VQA accuracy per question type",
+        highlight="max",
+    )
+    reference: dict[str, Any] = {n: bridges[n]["vqa_per_type"] for n in names[1:]}
+    if test is not None:
+        reference["blind LM"] = test["blind"]["vqa"]["per_type"]
+    report.bar_chart(
+        dict(bridges[names[0]]["vqa_per_type"]),
+        title="VQA accuracy by question type, per bridge · test",
+        ylabel="accuracy",
+        reference=reference,
+        series_label=names[0],
+        percent=True,
+        width=900,
+    )
+    overall = {n: {"VQA accuracy": b["vqa_accuracy"], "caption fact F1": b["fact_f1"]} for n, b in bridges.items()}
+    report.bar_chart(
+        overall[names[0]],
+        title="VQA accuracy and caption fact F1, per bridge · test",
+        ylabel="fraction",
+        reference={n: overall[n] for n in names[1:]},
+        series_label=names[0],
+        percent=True,
+        width=640,
+    )
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def write_report(path: Path, recipe: Any, stages: dict[str, dict[str, Any]], seconds: float) -> Path:
-    """Write the self-contained HTML report of a world-recipe run."""
+def write_report(
+    path: Path, recipe: Any, stages: dict[str, dict[str, Any]], seconds: float, bridges: dict[str, Any] | None = None
+) -> Path:
+    """Write the self-contained HTML report of a world-recipe run (``bridges``: the comparison, by bridge name)."""
     metrics = stages["evaluate"]
     root = Path(path).parent  # image paths in the results are relative to the run folder
     report = HtmlReport(
@@ -184,6 +255,9 @@ def write_report(path: Path, recipe: Any, stages: dict[str, dict[str, Any]], sec
                                               for r in e["top"]]} for e in examples]
         )  # fmt: skip
 
+    if bridges:
+        _comparison(report, recipe, bridges, metrics.get("test"))
+
     report.heading("Training curves")
     v = stages.get("stage0_vision", {})
     t = stages.get("stage0_text", {})
@@ -198,6 +272,12 @@ def write_report(path: Path, recipe: Any, stages: dict[str, dict[str, Any]], sec
         if curves:
             report.line_plot({k: [tuple(p) for p in pts] for k, pts in curves.items()}, title=title, xlabel="step",
                              ylabel="loss")  # fmt: skip
+
+    for name in bridges or {}:
+        curves = stages.get(f"compare_{name}", {}).get("curves") or {}
+        if curves:
+            report.line_plot({k: [tuple(p) for p in pts] for k, pts in curves.items()}, title=f"Comparison: {name}",
+                             xlabel="step", ylabel="loss")  # fmt: skip
 
     report.heading("Stages")
     report.metrics(
