@@ -527,7 +527,7 @@ def run_world_recipe(
 
     Args:
         out_dir: Where every stage's output, ``summary.json`` and ``report.html`` go.
-        recipe: The settings; defaults to ``WorldRecipe()`` (about 12 minutes on a 2-core CPU, the comparison included).
+        recipe: The settings; defaults to ``WorldRecipe()`` (about 11 minutes on a 2-core CPU, the comparison included).
         fresh: Redo every stage even when a cached result matches.
         progress: Show progress bars.
         verbose: Print a line per stage and the final summary.
