@@ -30,7 +30,7 @@ def load(
     if path.suffix in (".pth", ".pt", ".bin") or path.is_file():
         if not path.exists():
             raise CheckpointError(f"{source}: no such file")
-        from vlbridge.interop.lavis import load_lavis
+        from vlbridge.interop.lavis_load import load_lavis
 
         return load_lavis(path, device=device, dtype=dtype, **kwargs).eval()
     from vlbridge.interop.native import is_native, load_native

@@ -13,12 +13,10 @@ from vlbridge.data.conversation import (
     IMAGE_TOKEN_INDEX,
     TEMPLATES,
     VICUNA_SYSTEM,
-    ConversationCollator,
-    ConversationDataset,
     get_template,
-    read_conversations,
     tokenize_conversation,
 )
+from vlbridge.data.conversation_data import ConversationCollator, ConversationDataset, read_conversations
 from vlbridge.data.datasets import SkippedSample
 from vlbridge.errors import InputError
 
@@ -219,7 +217,7 @@ def test_all_masked_after_truncation_is_skipped_and_counted(caplog):
     assert dataset.skipped == 1
     assert tokens(tok, first["input_ids"].tolist())[-6:] == ["<IMG>", "\n", "what", "assistant:", "a", "cat"]
     collate = ConversationCollator(pad_token_id=tok.pad_token_id)
-    with caplog.at_level(logging.WARNING, logger="vlbridge.data.conversation"):
+    with caplog.at_level(logging.WARNING, logger="vlbridge.data.conversation_data"):
         batch = collate([first, second])
     assert batch["batch_size"] == 1 and batch["skipped"] == [(second.path, second.reason)]
     assert collate.skipped == 1

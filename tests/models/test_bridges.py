@@ -17,7 +17,7 @@ from vlbridge.data.images import ImageProcessor, ImageProcessorConfig
 from vlbridge.encoders.vision import FrozenVisionEncoder
 from vlbridge.errors import ConfigError
 from vlbridge.inference.prefix import IMAGE
-from vlbridge.inference.tasks import _eos_ids, _pad_id, _prompt_tokens, assemble_prefix
+from vlbridge.inference.tasks import _eos_ids, _prompt_tokens, assemble_prefix
 from vlbridge.models.vlm import PromptStyle, VisionLanguageModel, VLMConfig
 from vlbridge.objectives.lm import decoder_lm_loss
 
@@ -113,7 +113,7 @@ def test_cached_generation_equals_a_greedy_decode_without_cache(name):
         cut = next((i for i, t in enumerate(r) if t in eos), len(r))
         ref.append(tok.decode(r[:cut], skip_special_tokens=True).strip())
     assert got == ref
-    assert _pad_id(model) == 1
+    assert any(ref), ref  # random weights still produce words: all-empty output would be vacuous
 
 
 def test_the_prefix_goes_where_the_placeholder_is():

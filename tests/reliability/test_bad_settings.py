@@ -60,7 +60,7 @@ def test_a_stage2_example_past_the_llm_positions_is_refused():
 
     from vlbridge.errors import ConfigError
     from vlbridge.inference.prefix import IMAGE
-    from vlbridge.training.loop import _check_batch_fits
+    from vlbridge.training.tasks import _check_batch_fits
 
     model = SimpleNamespace(num_visual_tokens=4)
     fits = {"prompt_ids": [[IMAGE] + [1] * 30], "target_ids": [[2] * 30]}

@@ -77,7 +77,7 @@ def test_stage2_loss_decreases(trained):
 
 def test_gradients_reach_the_bridge_only(data, tmp_path):
     from vlbridge.models.builder import build_model
-    from vlbridge.training.loop import stage2_data
+    from vlbridge.training.tasks import stage2_data
 
     cfg = stage2_config(data, **{"run.output_dir": str(tmp_path)})
     model = build_model(cfg.model)

@@ -43,7 +43,6 @@ class Bridge(nn.Module):
     kind: ClassVar[str] = ""
     instruction_aware: bool = False  # the bridge reads the instruction (InstructBLIP); set per instance
     has_retrieval: bool = False  # it has the `RetrievalHeads` (ITC/ITM): itm, itc, embeddings, search
-    text_input: bool = False  # it reads text in its own vocabulary: the model carries its tokenizer
     instruction_max_length: int = 512
 
     def forward(

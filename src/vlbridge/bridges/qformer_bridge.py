@@ -107,11 +107,6 @@ class QFormerBridge(Bridge):
         self.qformer.gradient_checkpointing = enabled
 
     @property
-    def text_input(self) -> bool:
-        """The Q-Former reads text (instructions, ITM/ITC): the model needs its tokenizer."""
-        return self.instruction_aware or self.has_retrieval
-
-    @property
     def instruction_max_length(self) -> int:
         return self.config.instruction_max_length
 

@@ -22,6 +22,7 @@ from torch import nn
 from vlbridge.bridges.qformer import QFormerConfig
 from vlbridge.encoders.vision import FrozenVisionEncoder
 from vlbridge.errors import CheckpointError
+from vlbridge.inference.prefix import image_token_id
 from vlbridge.models.vlm import PromptStyle, VisionLanguageModel, VLMConfig
 from vlbridge.utils.formats import register_saver
 from vlbridge.utils.hub import resolve
@@ -316,18 +317,18 @@ def _hf_config(model: VisionLanguageModel, arch: str, image_token_index: int | N
     )
 
 
-def _image_token(model: VisionLanguageModel) -> int | None:
-    """Id of the `<image>` placeholder transformers scatters the soft prompt into (added if missing)."""
+def image_token_index(model: VisionLanguageModel) -> int | None:
+    """Id of the prompt's image placeholder, where transformers scatters the visual prefix (added if missing); it
+    must be a row of the LLM's embeddings, since transformers embeds it before replacing it."""
     tok = model.tokenizer
     if tok is None:
         return None
-    if "<image>" not in tok.get_vocab():
-        tok.add_tokens(["<image>"], special_tokens=True)
-    index = tok.convert_tokens_to_ids("<image>")
+    marker = model.config.prompts.image_token
+    index = image_token_id(tok, marker)
     rows = model.language_model.get_input_embeddings().weight.shape[0]
     if index >= rows:
         raise CheckpointError(
-            f"the LLM's embedding matrix has {rows} rows but the <image> token needs id {index}: "
+            f"the LLM's embedding matrix has {rows} rows but the {marker} token needs id {index}: "
             "resize the LLM's embeddings before saving in transformers format"
         )
     return index
@@ -344,8 +345,8 @@ def save_hf(model: VisionLanguageModel, directory: str | os.PathLike) -> Path:
             "model.image_position=none for a transformers export)"
         )
     arch = hf_architecture(model)
-    image_token_index = _image_token(model) if model.language_model is not None else None
-    hf_config = _hf_config(model, arch, image_token_index)
+    image_index = image_token_index(model) if model.language_model is not None else None
+    hf_config = _hf_config(model, arch, image_index)
     hf_config.architectures = [arch]
     state: dict[str, torch.Tensor] = {}
     for key, value in model.vision.model.state_dict().items():

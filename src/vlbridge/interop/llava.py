@@ -24,7 +24,7 @@ from torch import nn
 
 from vlbridge.encoders.vision import FrozenVisionEncoder
 from vlbridge.errors import CheckpointError
-from vlbridge.inference.prefix import image_token_id
+from vlbridge.interop.hf import image_processor, image_token_index
 from vlbridge.models.vlm import PromptStyle, VisionLanguageModel, VLMConfig
 from vlbridge.utils.formats import register_saver
 from vlbridge.utils.hub import resolve
@@ -56,8 +56,6 @@ def load_llava(
     source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> VisionLanguageModel:
     """Load a transformers LLaVA checkpoint (folder or hub id) with its tokenizer and image processor."""
-    from vlbridge.interop.hf import image_processor
-
     path = resolve(source)
     try:  # float32 first: the projector stays float32 whatever the frozen parts become
         hf = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
@@ -142,13 +140,7 @@ def save_llava(model: VisionLanguageModel, directory: str | os.PathLike) -> Path
         raise CheckpointError(f"transformers' LLaVA cannot hold a {vision_type!r} vision tower: use format='native'")
     if lm is None or tok is None or lm.config.is_encoder_decoder:
         raise CheckpointError("a transformers LLaVA checkpoint needs a causal language model and its tokenizer")
-    image_index = image_token_id(tok, model.config.prompts.image_token)
-    rows = lm.get_input_embeddings().weight.shape[0]
-    if image_index >= rows:
-        raise CheckpointError(
-            f"the LLM's embedding matrix has {rows} rows but the image token needs id {image_index}: resize the "
-            "LLM's embeddings before saving in transformers format"
-        )
+    image_index = image_token_index(model)
     vision_config = model.vision.model.config.to_dict()
     vision_config["num_hidden_layers"] = model.vision.index  # the tower up to the layer read
     hf_config = transformers.LlavaConfig(

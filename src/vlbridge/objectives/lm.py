@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlbridge.inference.prefix import IMAGE, expanded_length
+from vlbridge.inference.prefix import IMAGE
 from vlbridge.inference.tasks import assemble_prefix
 
 
@@ -38,14 +38,9 @@ def decoder_lm_loss(
     num_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed target-token cross-entropy / `num_tokens` (default: this batch's); returns (loss, token count)."""
-    lm = model.language_model
-    embeds, mask, _, ids = assemble_prefix(model, soft, [p + t for p, t in zip(prompts, targets)], left=False)
-    Q = soft.shape[1]
-    labels = torch.full_like(ids, -100)
-    for i, (p, t) in enumerate(zip(prompts, targets)):
-        start = expanded_length(p, Q)
-        labels[i, start : start + len(t)] = ids[i, start : start + len(t)]
-    return _shifted_loss(lm, embeds, mask, labels, num_tokens)
+    rows = [p + t for p, t in zip(prompts, targets)]
+    labels = [[-100] * len(p) + t for p, t in zip(prompts, targets)]  # the prompt (and its image slot) not scored
+    return labelled_lm_loss(model, soft, rows, labels, num_tokens=num_tokens)
 
 
 def labelled_lm_loss(

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from vlbridge.data.conversation import ConversationDataset
-from vlbridge.data.datasets import SkippedSample, collate_skipping
+from vlbridge.data.conversation_data import ConversationDataset
+from vlbridge.data.datasets import SkippedSample
 from vlbridge.data.images import load_image
 from vlbridge.data.transforms import augmentation_seed
 from vlbridge.errors import ImageError
@@ -56,10 +56,6 @@ class ConversationImages(Dataset):
             "token_ids": item["input_ids"].tolist(),  # ragged: kept as lists, IMAGE (-200) in the image's slot
             "label_ids": item["labels"].tolist(),
         }
-
-
-def collate_conversations(samples: list[Any]) -> dict[str, Any]:
-    return collate_skipping(samples)
 
 
 @dataclass
